@@ -1,0 +1,21 @@
+# robustft: robust fine-tuning benchmarks under distribution shift.
+# This file is a table of contents: config, rule files, and the final target.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/features.smk"
+include: "rules/reference.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/summary.parquet",

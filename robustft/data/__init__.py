@@ -1,0 +1,1 @@
+"""Datasets: folder scans into Parquet manifests, seeded stratified splits, decoded pixel caches."""

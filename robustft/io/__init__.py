@@ -1,0 +1,1 @@
+"""Readers and writers at the edges: atomic files, Parquet tables, HDF5 arrays."""

@@ -1,0 +1,80 @@
+"""Checkpoints: resumable training state (weights-only torch files) and the final safetensors file, both atomic."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from robustft.io.atomic import atomic_path
+
+RESUME_FORMAT = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU (and CUDA) generator states, in types a weights-only ``torch.load`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).copy()), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_resume_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """Write a resumable training state atomically (a crash mid-write leaves the previous one intact)."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": RESUME_FORMAT, **state}, tmp)
+
+
+def load_resume_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The saved state, or None when there is none or it belongs to another configuration (then training restarts)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: start again rather than fail the job
+        import warnings
+
+        warnings.warn(f"{path}: unreadable resume checkpoint ignored ({type(exc).__name__}: {exc})")
+        return None
+    if state.get("format") != RESUME_FORMAT or state.get("fingerprint") != fingerprint:
+        import warnings
+
+        warnings.warn(f"{path}: resume checkpoint from another configuration ignored; training starts afresh")
+        return None
+    return state
+
+
+def save_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> int:
+    """Write ``tensors`` (made contiguous, unshared, on CPU) to a safetensors file atomically; returns its size."""
+    from safetensors.torch import save_file
+
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(plain, str(tmp), metadata=dict(metadata or {}))
+    return path.stat().st_size
+
+
+def load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
