@@ -13,6 +13,14 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/features.smk"
 include: "rules/reference.smk"
+include: "rules/finetune.smk"
+include: "rules/sweeps.smk"
+include: "rules/calibration.smk"
+include: "rules/summary.smk"
+
+
+localrules:
+    summary,
 
 
 rule all:

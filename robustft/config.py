@@ -140,42 +140,58 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     if errors:
         raise ConfigError(_format_error(errors[0], schema))
     _fill_defaults(config, schema)
-    _check_cross_keys(config)
+    _check_cross_keys(config, schema)
     return config
 
 
-def _check_cross_keys(config: dict) -> None:
+def _check_overrides(key: str, overrides: dict, schema: dict) -> None:
+    """Check a variant's training-key and protocol overrides against the schema of training / protocol."""
+    props = schema["properties"]
+    wrapped = {
+        "type": "object",
+        "properties": {
+            **props["training"]["properties"],
+            "protocol": {k: v for k, v in props["protocol"].items() if k != "default"},
+        },
+    }
+    instance = {k: v for k, v in overrides.items() if k in wrapped["properties"]}
+    validator = jsonschema.Draft202012Validator(wrapped)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: (len(list(e.absolute_path)), str(list(e.absolute_path))))
+    if errors:
+        raise ConfigError(f"{key}.{_format_error(errors[0], wrapped)}")
+
+
+def _check_cross_keys(config: dict, schema: dict) -> None:
     dataset = config["dataset"]
     if dataset["id_domain"] in dataset["ood_domains"]:
         raise ConfigError(
             f"dataset.ood_domains: {dataset['id_domain']!r} is the ID domain (dataset.id_domain) and cannot also be OOD"
+        )
+    split = dataset["split"]
+    if split["val_fraction"] + split["test_fraction"] >= 1:
+        raise ConfigError(
+            f"dataset.split: val_fraction + test_fraction is {split['val_fraction'] + split['test_fraction']:g} "
+            f"(allowed: < 1, the rest is the training split)"
         )
     for method, variants in config["methods"].items():
         for variant, overrides in variants.items():
             key = f"methods.{method}.{variant}"
             if method == "flyp" and config["backbone"]["name"] != "open_clip":
                 raise ConfigError(f"{key}: flyp needs an open_clip backbone (backbone.name is {config['backbone']['name']!r})")
-            for name in ("lr", "epochs", "batch_size"):
-                value = overrides.get(name)
-                if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-                    raise ConfigError(f"{key}.{name}: {value!r} is out of range (allowed: > 0)")
+            _check_overrides(key, overrides, schema)
             protocol = {**config["protocol"], **overrides.get("protocol", {})}
-            unknown = set(overrides.get("protocol", {})) - set(load_schema()["properties"]["protocol"]["properties"])
-            if unknown:
-                raise ConfigError(f"{key}.protocol.{sorted(unknown)[0]}: unknown key (allowed: kind, k, absent_classes)")
-            if protocol.get("kind", "full") not in ("full", "kshot", "class_subset"):
-                raise ConfigError(f"{key}.protocol.kind: {protocol['kind']!r} is not allowed (allowed: full, kshot, class_subset)")
             if protocol.get("kind") == "class_subset" and not protocol.get("absent_classes"):
                 raise ConfigError(f"{key}.protocol.absent_classes: class_subset needs at least one absent class")
 
 
 def resolved_variant(config: dict, method: str, variant: str) -> dict:
-    """The variant's overrides merged over the shared training settings and protocol (what a run depends on)."""
+    """What one variant's runs depend on: the shared ``training`` block and the variant's overrides (protocol merged)."""
     overrides = copy.deepcopy(config["methods"][method][variant])
-    protocol = {**config["protocol"], **overrides.pop("protocol", {})}
-    return {"training": {**config["training"], **{k: v for k, v in overrides.items() if k in config["training"]}},
-            "hparams": {k: v for k, v in overrides.items() if k not in config["training"]},
-            "protocol": protocol}
+    protocol = {**config["protocol"], **overrides.get("protocol", {})}
+    relevant = {"full": (), "kshot": ("k",), "class_subset": ("absent_classes",)}[protocol["kind"]]
+    overrides["protocol"] = {"kind": protocol["kind"], **{k: protocol[k] for k in relevant}}
+    training = {k: v for k, v in config["training"].items() if k != "device"}
+    return {"training": training, "overrides": overrides}
 
 
 def run_table(config: dict) -> list[dict[str, Any]]:

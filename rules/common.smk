@@ -107,3 +107,30 @@ def feature_path(domain, split):
 
 MANIFEST = f"results/data/{DATASET}/manifest.parquet"
 REFERENCE_HEAD = f"results/reference/{BACKBONE}/{DATASET}/head.safetensors"
+
+
+RUN_DIR = "results/runs/{method}/{variant}/seed{seed}"
+
+
+def run_dirs():
+    """Every run directory the config asks for."""
+    return [f"results/runs/{r['method']}/{r['variant']}/seed{r['seed']}" for r in RUNS]
+
+
+def variant_params(wildcards):
+    """The resolved settings of one variant (training defaults, overrides, protocol) as canonical JSON."""
+    if wildcards.variant not in config["methods"].get(wildcards.method, {}):
+        raise WorkflowError(f"methods.{wildcards.method}.{wildcards.variant}: no such variant in the config")
+    return canonical_json(resolved_variant(config, wildcards.method, wildcards.variant))
+
+
+def eval_split_names():
+    return [f"{domain}_{split}" for domain, split in EVAL_SPLITS]
+
+
+def eval_pixel_paths(wildcards=None):
+    return {f"{d}_{s}": pixel_path(d, s) for d, s in EVAL_SPLITS}
+
+
+def eval_feature_paths(wildcards=None):
+    return {f"{d}_{s}": feature_path(d, s) for d, s in EVAL_SPLITS}

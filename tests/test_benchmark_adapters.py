@@ -332,3 +332,52 @@ def test_domainnet_split_files_in_subfolder_and_inconsistent_labels(tmp_path):
     with pytest.warns(UserWarning, match="label 0"):
         names = adapter.class_names(swapped)
     assert names[0] == "t-shirt" and names[327] == "aircraft_carrier"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets: each validates against the schema on its own (used with --replace-workflow-config) and names only
+# domains and classes its dataset adapter knows.
+
+PRESETS = Path(__file__).resolve().parent.parent / "config" / "presets"
+PRESET_NAMES = ["imagenet_vitb32", "imagenet_vitb16", "imagenet_16shot", "domainnet_real", "pacs_vitb32",
+                "imagenet_r_subset"]
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_preset_validates(name):
+    from snakemake.utils import validate
+
+    from robustft.config import SCHEMA_PATH, load_yaml_strict, validate_config
+    from robustft.data.adapters import PACS_CLASSES, PACS_COUNTS
+    from robustft.data.domainnet import DOMAINNET_DOMAINS
+    from robustft.data.imagenet import IMAGENET_DOMAINS
+
+    raw = load_yaml_strict(PRESETS / f"{name}.yaml")
+    config = validate_config(raw)
+    validate(config, str(SCHEMA_PATH))
+    dataset = config["dataset"]
+    known = {"imagenet": IMAGENET_DOMAINS, "domainnet": DOMAINNET_DOMAINS, "pacs": tuple(PACS_COUNTS)}[dataset["name"]]
+    assert {dataset["id_domain"], *dataset["ood_domains"]} <= set(known)
+    assert "zeroshot" in config["methods"] and len(config["seeds"]) == 3
+    classes = {"imagenet": list(WNIDS), "domainnet": list(domainnet_classes()), "pacs": PACS_CLASSES}[dataset["name"]]
+    protocols = [config["protocol"]] + [v["protocol"] for m in config["methods"].values() for v in m.values()
+                                        if "protocol" in v]
+    for protocol in protocols:
+        assert set(protocol.get("absent_classes", [])) <= set(classes)
+    from robustft.config import resolved_variant
+    from robustft.methods import get_method, resolve_hyperparameters
+
+    for method, variants in config["methods"].items():  # hyperparameter names the methods know
+        for variant in variants:
+            resolved = resolved_variant(config, method, variant)
+            training = {k: v for k, v in resolved["training"].items() if k != "device"}
+            resolve_hyperparameters(get_method(method), training, {**resolved["hparams"], "protocol": resolved["protocol"]})
+    if name in ("imagenet_vitb32", "imagenet_vitb16"):
+        assert sorted(dataset["ood_domains"]) == sorted(IMAGENET_DOMAINS[1:])
+        assert config["backbone"]["pretrained"] == "openai"
+    if name == "domainnet_real":
+        assert "quickdraw" not in dataset["ood_domains"]
+    if name == "imagenet_r_subset":
+        absent = config["protocol"]["absent_classes"]
+        r_wnids = {WNIDS[i] for i in IMAGENET_R_SUBLIST}
+        assert len(absent) == len(set(absent)) == 100 and set(absent) <= r_wnids

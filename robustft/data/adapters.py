@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from robustft.data.manifest import DatasetError, scan_domain_folders
+from robustft.data.manifest import DatasetError, assign_splits, finalize_manifest, scan_domain_folders
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,18 @@ class DatasetAdapter:
 
     def has_official_splits(self) -> bool:
         return False
+
+    def assign_splits(self, scanned: pd.DataFrame, val_fraction: float, seed: int, test_fraction: float = 0.0) -> pd.DataFrame:
+        """Add ``split`` and ``rank``: a seeded, stratified split per (domain, class) (official splits override)."""
+        return assign_splits(scanned, val_fraction, test_fraction, seed)
+
+    def finalize(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Integer labels in :meth:`class_names` order, row ids, canonical column order."""
+        return finalize_manifest(frame, self.class_names(frame))
+
+    def border_crop(self, domain: str) -> int:
+        """Pixels cut from every side before resizing (ObjectNet's border); 0 for most datasets."""
+        return 0
 
     def projection(self, domain: str) -> EvalProjection:
         return EvalProjection()

@@ -11,7 +11,7 @@ import pandas as pd
 
 from robustft.data.adapters import DatasetAdapter
 from robustft.data.images import check_image
-from robustft.data.manifest import DatasetError, assign_splits, finalize_manifest, manifest_hash
+from robustft.data.manifest import DatasetError, manifest_hash
 
 
 def build_manifest(
@@ -49,20 +49,16 @@ def build_manifest(
     scanned["skipped"] = bad
     scanned["skip_reason"] = [r or "" for r in reasons]
     good = scanned[~bad].copy()
-    if "split" in good.columns:  # official splits: only the rank within each (domain, class, split) is seeded
-        good = adapter_official_ranks(good, seed)
-    else:
-        good = assign_splits(good, val_fraction, test_fraction, seed)
+    good = adapter.assign_splits(good, val_fraction, seed, test_fraction=test_fraction)
     skipped = scanned[bad].copy()
     skipped["split"] = "skipped"
     skipped["rank"] = -1
     frame = pd.concat([good, skipped], ignore_index=True)
-    frame = finalize_manifest(frame, adapter.class_names(scanned))
-    for domain in domains:
-        for class_name in adapter.class_names(scanned):
-            usable = frame[(frame["domain"] == domain) & (frame["class_name"] == class_name) & ~frame["skipped"]]
-            if len(usable) == 0 and class_name in set(scanned.loc[scanned["domain"] == domain, "class_name"]):
-                raise DatasetError(f"class folder {root / domain / class_name} has no readable image")
+    frame = adapter.finalize(frame)
+    usable = frame[~frame["skipped"]].groupby(["domain", "class_name"]).size()
+    for domain, class_name in scanned[["domain", "class_name"]].drop_duplicates().itertuples(index=False):
+        if (domain, class_name) not in usable.index:
+            raise DatasetError(f"class folder {root / domain / class_name} has no readable image")
     meta = {
         "dataset": adapter.name,
         "root": str(root.resolve()),
@@ -74,16 +70,6 @@ def build_manifest(
         "skipped": frame.loc[frame["skipped"], "path"].tolist(),
     }
     return frame, meta
-
-
-def adapter_official_ranks(frame: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """Seeded ranks within each (domain, class, split) for datasets that ship their own splits."""
-    frame = frame.sort_values(["domain", "class_name", "split", "path"]).reset_index(drop=True)
-    rng = np.random.default_rng(seed)
-    keys = rng.random(len(frame))
-    frame["_key"] = keys
-    frame["rank"] = frame.groupby(["domain", "class_name", "split"])["_key"].rank(method="first").astype(int) - 1
-    return frame.drop(columns="_key")
 
 
 def verify_manifest_files(frame: pd.DataFrame, root: str | Path, limit: int | None = None) -> None:

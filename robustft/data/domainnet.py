@@ -180,7 +180,9 @@ class DomainNetAdapter(DatasetAdapter):
     def has_official_splits(self) -> bool:
         return True
 
-    def assign_splits(self, scanned: pd.DataFrame, val_fraction: float = 0.1, seed: int = 0) -> pd.DataFrame:
+    def assign_splits(
+        self, scanned: pd.DataFrame, val_fraction: float = 0.1, seed: int = 0, test_fraction: float = 0.0
+    ) -> pd.DataFrame:
         """Official train -> train + seeded, class-stratified val (``val_fraction``); official test -> test."""
         return split_official(scanned, val_fraction, seed)
 

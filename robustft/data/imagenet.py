@@ -317,7 +317,9 @@ class ImageNetAdapter(DatasetAdapter):
     def has_official_splits(self) -> bool:
         return True
 
-    def assign_splits(self, scanned: pd.DataFrame, val_fraction: float = IMAGENET_VAL_FRACTION, seed: int = 0) -> pd.DataFrame:
+    def assign_splits(
+        self, scanned: pd.DataFrame, val_fraction: float = IMAGENET_VAL_FRACTION, seed: int = 0, test_fraction: float = 0.0
+    ) -> pd.DataFrame:
         """Official train -> train + seeded val (``val_fraction``); official val folder and shifts -> test."""
         return split_official(scanned, val_fraction, seed)
 

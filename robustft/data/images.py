@@ -37,9 +37,13 @@ def resize_center_crop(image: Image.Image, size: int, interpolation: str) -> np.
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def decode_for_cache(path: str | Path, size: int, interpolation: str) -> np.ndarray:
-    """Decode one file into a (size, size, 3) uint8 array."""
-    return resize_center_crop(load_rgb(path), size, interpolation)
+def decode_for_cache(path: str | Path, size: int, interpolation: str, border: int = 0) -> np.ndarray:
+    """Decode one file into a (size, size, 3) uint8 array, first cutting ``border`` pixels from every side."""
+    image = load_rgb(path)
+    if border:
+        width, height = image.size
+        image = image.crop((border, border, width - border, height - border))
+    return resize_center_crop(image, size, interpolation)
 
 
 def check_image(path: str | Path) -> str | None:

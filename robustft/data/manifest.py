@@ -55,7 +55,11 @@ def scan_domain_folders(root: str | Path, domains: Sequence[str] | None = None) 
                 f"classes differ between domains: {root / domain} vs {root / domains[0]} (differing: {extra})"
             )
         for class_dir in class_dirs:
-            files = [p for p in _visible(class_dir.rglob("*")) if p.is_file()]
+            # Skip hidden files and anything under a hidden folder (.ipynb_checkpoints/, .git/, ...).
+            files = sorted(
+                p for p in class_dir.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
+            )
             if not files:
                 raise DatasetError(f"class folder {class_dir} is empty")
             for file in files:

@@ -60,6 +60,7 @@ def write_pixel_cache(
     workers: int = 2,
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
+    border: int = 0,
 ) -> None:
     """Decode ``rows`` (manifest rows of one domain/split) into ``out_path``, streaming in batches.
 
@@ -73,7 +74,7 @@ def write_pixel_cache(
         "row_ids": ((), np.int64),
     }
     paths = [root / p for p in rows["path"]]
-    decode = lambda p: decode_for_cache(p, image_size, interpolation)  # noqa: E731
+    decode = lambda p: decode_for_cache(p, image_size, interpolation, border)  # noqa: E731
     with array_writer(out_path, n, columns, attrs) as handle, ThreadPoolExecutor(max(1, workers)) as pool:
         handle["labels"][...] = rows["label"].to_numpy(np.int64)
         handle["row_ids"][...] = rows["row_id"].to_numpy(np.int64)

@@ -19,7 +19,13 @@ class StaleCacheError(RuntimeError):
 
 
 def _encode(value: Any) -> Any:
-    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list, tuple)) else value
+    # HDF5 attributes hold no None and no nested containers: store those as JSON (read back by read_attrs).
+    return json.dumps(value, sort_keys=True) if value is None or isinstance(value, (dict, list, tuple)) else value
+
+
+def _as_stored(value: Any) -> Any:
+    """``value`` as :func:`read_attrs` returns it after a write (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(value)) if value is None or isinstance(value, (dict, list, tuple)) else value
 
 
 @contextmanager
@@ -53,7 +59,7 @@ def read_attrs(handle: h5py.File) -> dict[str, Any]:
     for key, value in handle.attrs.items():
         if isinstance(value, bytes):
             value = value.decode()
-        if isinstance(value, str) and value[:1] in "[{":
+        if isinstance(value, str) and (value[:1] in "[{" or value == "null"):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
@@ -88,7 +94,7 @@ def open_arrays(
             if handle[column].shape[0] != n_rows:
                 raise CorruptArtifactError(f"{path}: dataset {column!r} has {handle[column].shape[0]} rows, expected {n_rows}")
         for key, value in (expected_attrs or {}).items():
-            if attrs.get(key) != value:
+            if key not in attrs or attrs[key] != _as_stored(value):
                 raise StaleCacheError(f"{path}: stale cache: {key} is {attrs.get(key)!r}, expected {value!r}")
     except Exception:
         handle.close()

@@ -34,7 +34,7 @@ class TrainingHyperparameters:
     lr: float = 3e-5
     weight_decay: float = 0.1
     warmup_steps: int = 500
-    grad_clip: float = 1.0  #: max global gradient norm; 0 disables clipping (the norm is still logged)
+    grad_clip: float | None = 1.0  #: max global gradient norm; 0 or None: no clipping (the norm is still logged)
     label_smoothing: float = 0.0
     augment: str = "none"  #: "none" or "flip" (random horizontal flip); ignored on cached features
     select: str = "best_val"  #: "best_val" (epoch with the best ID-validation accuracy) or "last"
@@ -56,6 +56,8 @@ class TrainingHyperparameters:
                 raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("batch_size and eval_batch_size must be at least 1")
+        if self.grad_clip is None:
+            self.grad_clip = 0.0
         for name in ("lr", "weight_decay", "grad_clip", "label_smoothing"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -118,10 +120,12 @@ class Method:
     hyperparameters: ClassVar[type[TrainingHyperparameters]] = TrainingHyperparameters
     #: False: the method trains on cached features and never runs the image encoder
     needs_images: ClassVar[bool] = True
+    #: True: the method needs the cached features of the train (and validation) split
+    needs_features: ClassVar[bool] = False
     #: False: nothing is trained (the reference model itself)
     trains: ClassVar[bool] = True
-    #: the file the run directory stores (what ``checkpoint_tensors`` returns)
-    checkpoint_file: ClassVar[str] = "model.safetensors"
+    #: the file the run directory stores (what ``checkpoint_tensors`` returns); None: nothing stored
+    checkpoint_file: ClassVar[str | None] = "model.safetensors"
     #: keep BatchNorm running statistics frozen (for methods whose stored file holds no encoder buffers)
     freeze_norm_statistics: ClassVar[bool] = False
 

@@ -54,8 +54,10 @@ def pixel_stage(
     verify_manifest_files(rows, meta["root"])
     pre = build_backbone(backbone_spec).preprocessing
     attrs = pixel_cache_attrs(meta["manifest_hash"], pre.pixel_key, domain, split, max_per_class)
-    with tqdm(total=len(rows), desc=f"decode {domain}_{split}", file=None, mininterval=5) as bar:
-        write_pixel_cache(rows, meta["root"], out, pre.image_size, pre.interpolation, attrs, workers, progress=bar.update)
+    border = get_adapter(meta["dataset"]).border_crop(domain)
+    with tqdm(total=len(rows), desc=f"decode {domain}_{split}", mininterval=5) as bar:
+        write_pixel_cache(rows, meta["root"], out, pre.image_size, pre.interpolation, attrs, workers,
+                          progress=bar.update, border=border)
     log.info("pixel cache %s: %d images at %s", out, len(rows), pre.pixel_key)
 
 

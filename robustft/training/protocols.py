@@ -75,15 +75,22 @@ def select_class_subset(labels: np.ndarray, class_names: Sequence[str], absent_c
 def select_protocol(
     protocol: Mapping[str, Any], labels: np.ndarray, class_names: Sequence[str], seed: int
 ) -> ProtocolSelection:
-    """Apply the config's ``protocol`` mapping (``kind`` plus its keys) to the ID-train labels."""
+    """Apply the config's ``protocol`` mapping to the ID-train labels.
+
+    Keys: ``kind`` (full | kshot | class_subset), ``k`` and optional ``seed`` (kshot; default: the run's seed),
+    ``absent_classes`` (class_subset). Keys of other kinds are ignored (schema defaults fill them in), except a
+    non-empty ``absent_classes`` outside class_subset, which is an error.
+    """
     protocol = dict(protocol)
     kind = protocol.pop("kind", "full")
-    allowed = {"full": set(), "kshot": {"k", "seed"}, "class_subset": {"absent_classes"}}
-    if kind not in allowed:
-        raise ValueError(f"protocol.kind: unknown protocol {kind!r}; allowed: {sorted(allowed)}")
-    extra = set(protocol) - allowed[kind]
+    kinds = ("full", "kshot", "class_subset")
+    if kind not in kinds:
+        raise ValueError(f"protocol.kind: unknown protocol {kind!r}; allowed: {list(kinds)}")
+    extra = set(protocol) - {"k", "seed", "absent_classes"}
     if extra:
-        raise ValueError(f"protocol {kind!r}: unknown keys {sorted(extra)}; allowed: {sorted(allowed[kind])}")
+        raise ValueError(f"protocol {kind!r}: unknown keys {sorted(extra)}; allowed: ['absent_classes', 'k', 'seed']")
+    if kind != "class_subset" and protocol.get("absent_classes"):
+        raise ValueError(f"protocol {kind!r}: absent_classes only applies to kind class_subset")
     labels = np.asarray(labels)
     if kind == "full":
         return ProtocolSelection(kind, select_full(labels))

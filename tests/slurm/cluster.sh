@@ -156,6 +156,8 @@ write_configs() {
         acct="AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=$DBD_PORT
+# clients reach slurmdbd with the munge socket named here, not the AuthInfo one
+AccountingStoragePass=$D/munge/munge.socket.2
 AccountingStorageTRES=gres/gpu"
     else
         acct="AccountingStorageType=accounting_storage/none"

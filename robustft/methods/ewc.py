@@ -1,0 +1,56 @@
+"""Elastic weight consolidation toward the pre-trained model (Kirkpatrick et al. 2017, Eq. 3).
+
+Loss = CE + λ/2·Σᵢ Fᵢ(θᵢ − θ₀ᵢ)² over every parameter (encoder and head), with F the diagonal Fisher of the
+pre-trained model (reference head included) on the ID training data, labels sampled from the model's own softmax,
+batch size 1 (:func:`robustft.fisher.diagonal_fisher`, as wise-ft ``fisher.py``). EWC has no portable default λ:
+``strength`` = 100 is this pipeline's choice. The Fisher uses at most ``fisher_examples`` training images in a seeded
+random order (one backward pass each); None uses them all. Weight decay defaults to 0 (it would pull toward zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from robustft.fisher import diagonal_fisher, ewc_penalty
+from robustft.methods.base import Method, TrainingHyperparameters, detached_copy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from robustft.training.trainer import Batch, TrainContext
+
+
+@dataclass
+class EWCHyperparameters(TrainingHyperparameters):
+    weight_decay: float = 0.0
+    strength: float = 100.0  #: λ
+    fisher_examples: int | None = 1024
+
+
+class EWC(Method):
+    name = "ewc"
+    hyperparameters = EWCHyperparameters
+
+    def prepare(self, model: nn.Module, ctx: "TrainContext") -> nn.Module:
+        model.requires_grad_(True)
+        params = dict(model.named_parameters())
+        self.anchor = detached_copy(params)
+        self.fisher = diagonal_fisher(
+            model,
+            ctx.batches(images=True, shuffle="fisher"),
+            params=params,
+            generator=ctx.generator("fisher-labels"),
+            max_examples=self.hp.fisher_examples,
+        )
+        self.fisher_count = min(len(ctx.train), self.hp.fisher_examples or len(ctx.train))
+        return model
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        return ewc_penalty(dict(model.named_parameters()), self.anchor, self.fisher, self.hp.strength)
+
+    def loss(self, model: nn.Module, batch: "Batch", ctx: "TrainContext") -> dict[str, Tensor]:
+        return {"ce": ctx.cross_entropy(model(batch.inputs), batch.labels), "ewc": self.penalty(model)}
+
+    def summary(self, model: nn.Module, ctx: "TrainContext") -> dict[str, Any]:
+        return {"fisher_examples_used": self.fisher_count}

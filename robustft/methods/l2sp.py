@@ -1,0 +1,47 @@
+"""L2-SP (Li, Grandvalet & Davoine 2018, arXiv 1802.01483): cross-entropy + a pull toward the pre-trained weights.
+
+Ω = α/2·‖w_S − w_S⁰‖² on the encoder (α = ``encoder_strength``, paper default 0.1) and β/2·‖w_S̄ − w̄⁰‖² on the
+head (β = ``head_strength``, paper default 0.01). The paper's new head is randomly initialised and decayed toward
+zero; here the head starts from the reference head (zero-shot or linear probe), so it is pulled toward that
+instead. Every parameter counts (weights, biases, norm affines). Weight decay defaults to 0 because L2-SP replaces
+it (decay toward zero would fight the pull toward w⁰).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from robustft.fisher import l2_to_anchor
+from robustft.methods.base import Method, TrainingHyperparameters, detached_copy, split_encoder_head
+
+if TYPE_CHECKING:  # pragma: no cover
+    from robustft.training.trainer import Batch, TrainContext
+
+
+@dataclass
+class L2SPHyperparameters(TrainingHyperparameters):
+    weight_decay: float = 0.0
+    encoder_strength: float = 0.1  #: α of L2-SP
+    head_strength: float = 0.01  #: β of L2-SP
+
+
+class L2SP(Method):
+    name = "l2sp"
+    hyperparameters = L2SPHyperparameters
+
+    def prepare(self, model: nn.Module, ctx: "TrainContext") -> nn.Module:
+        model.requires_grad_(True)
+        encoder, head = split_encoder_head(dict(model.named_parameters()))
+        self.encoder_anchor, self.head_anchor = detached_copy(encoder), detached_copy(head)
+        return model
+
+    def loss(self, model: nn.Module, batch: "Batch", ctx: "TrainContext") -> dict[str, Tensor]:
+        encoder, head = split_encoder_head(dict(model.named_parameters()))
+        return {
+            "ce": ctx.cross_entropy(model(batch.inputs), batch.labels),
+            "l2sp_encoder": 0.5 * self.hp.encoder_strength * l2_to_anchor(encoder, self.encoder_anchor),
+            "l2sp_head": 0.5 * self.hp.head_strength * l2_to_anchor(head, self.head_anchor),
+        }

@@ -1,0 +1,596 @@
+"""The report's tables and charts: pure functions from DataFrames to DataFrames and Altair charts (no file I/O).
+
+Accuracies stay fractions in [0, 1] (shown as percentages); every chart colours a method the same way
+(:func:`method_colours`), and each mark layer carries a ``name`` so that tests can count its SVG marks.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+REFERENCE_METHOD = "zeroshot"
+OOD_AVERAGE = "ood_average"
+
+#: Methods in the order the report lists them; a fixed colour each, so every chart colours a method alike.
+KNOWN_METHOD_COLOURS = {
+    "zeroshot": "#222222",
+    "linear_probe": "#79706e",
+    "full_ft": "#e15759",
+    "lp_ft": "#f28e2b",
+    "l2sp": "#4e79a7",
+    "l1sp": "#76b7b2",
+    "kd": "#59a14f",
+    "ewc": "#b6992d",
+    "lora": "#b07aa1",
+    "saft": "#d37295",
+    "flyp": "#9c755f",
+}
+_SPARE_COLOURS = ("#17becf", "#8c564b", "#bcbd22", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f")
+_DASHES = ([1, 0], [6, 3], [2, 2], [8, 3, 2, 3], [1, 3])
+
+POINT_KINDS = ("reference (α = 0)", "WiSE-FT (0 < α < 1)", "fine-tuned (α = 1)")
+CALIBRATIONS = ("none", "alg", "pcv")
+CALIBRATION_LABELS = {"none": "none", "alg": "ALG", "pcv": "PCV"}
+FONT = "Helvetica, Arial, sans-serif"
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+def method_order(methods: Iterable[str]) -> list[str]:
+    """Methods in report order: the known ones as listed in ``KNOWN_METHOD_COLOURS``, then others alphabetically."""
+    methods = set(methods)
+    known = [m for m in KNOWN_METHOD_COLOURS if m in methods]
+    return known + sorted(methods - set(known))
+
+
+def method_colours(methods: Iterable[str]) -> alt.Scale:
+    """The colour scale shared by every chart: a fixed colour per known method, spare colours for the rest."""
+    order = method_order(methods)
+    spare = iter(_SPARE_COLOURS * (1 + len(order) // len(_SPARE_COLOURS)))
+    return alt.Scale(domain=order, range=[KNOWN_METHOD_COLOURS.get(m) or next(spare) for m in order])
+
+
+def variant_dashes(variants: Iterable[str]) -> alt.Scale:
+    """Stroke dashes per variant: ``default`` solid, the others dashed."""
+    order = sorted(set(variants), key=lambda v: (v != "default", v))
+    return alt.Scale(domain=order, range=[list(_DASHES[i % len(_DASHES)]) for i in range(len(order))])
+
+
+def series_label(method: str, variant: str) -> str:
+    return method if variant == "default" else f"{method} ({variant})"
+
+
+def id_domain_of(summary: pd.DataFrame) -> str:
+    """The ID (training) domain of the summary."""
+    domains = summary["train_domain"].dropna().unique()
+    if len(domains) != 1:
+        raise ValueError(f"summary: expected one training domain, found {sorted(map(str, domains))}")
+    return str(domains[0])
+
+
+def ood_domains_of(summary: pd.DataFrame, ood_domains: Sequence[str] | None = None) -> list[str]:
+    """OOD domain names in config order when given, else in order of appearance (the OOD average excluded)."""
+    present = [d for d in pd.unique(summary.loc[summary["is_ood"].astype(bool), "eval_domain"]) if d != OOD_AVERAGE]
+    if ood_domains:
+        return [d for d in ood_domains if d in present] + [d for d in present if d not in ood_domains]
+    return list(present)
+
+
+def _domain_label(domain: str) -> str:
+    return "OOD average" if domain == OOD_AVERAGE else domain
+
+
+def _base(summary: pd.DataFrame, interpolation: str = "linear", calibration: str = "none") -> pd.DataFrame:
+    rows = summary[(summary["interpolation"] == interpolation) & (summary["calibration"] == calibration)]
+    return rows[rows["split"] == "test"]
+
+
+def _note(text: str, title: str) -> alt.Chart:
+    """A chart that only says ``text`` (so that the declared chart files exist even when there is nothing to draw)."""
+    return (alt.Chart(pd.DataFrame({"text": [text]})).mark_text(fontSize=14, color="#555").properties(name="note")
+            .encode(text="text:N").properties(width=520, height=60, title=title))
+
+
+def _themed(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
+    return (chart.configure(font=FONT)
+            .configure_axis(labelFontSize=11, titleFontSize=12, gridColor="#e6e6e6", domainColor="#888")
+            .configure_header(labelFontSize=13, titleFontSize=13)
+            .configure_legend(labelFontSize=11, titleFontSize=12, symbolStrokeWidth=2, labelLimit=260)
+            .configure_title(fontSize=15, subtitleFontSize=11, subtitleColor="#555", anchor="start")
+            .configure_view(stroke="#bbb"))
+
+
+# ------------------------------------------------------------------------------------------------- 1. ID vs OOD
+def id_vs_ood_points(
+    summary: pd.DataFrame,
+    ood_domains: Sequence[str] | None = None,
+    interpolation: str = "linear",
+    calibration: str = "none",
+) -> pd.DataFrame:
+    """One row per (method, variant, alpha, panel): ID-test and OOD accuracy, seed means with error bounds.
+
+    Error bounds are ±1 s.d. over seeds where a point has several seeds, else the 95% bootstrap CI. The reference
+    method appears once, at alpha 0. ``selected`` marks the alpha chosen on ID validation by most seeds.
+    """
+    rows = _base(summary, interpolation, calibration)
+    id_domain = id_domain_of(summary)
+    panels = [*ood_domains_of(summary, ood_domains), OOD_AVERAGE]
+    keys = ["method", "variant", "seed", "alpha"]
+    id_rows = rows[rows["eval_domain"] == id_domain][[*keys, "accuracy", "accuracy_ci_low", "accuracy_ci_high",
+                                                      "selected_alpha"]]
+    id_rows = id_rows.rename(columns={"accuracy": "id_acc", "accuracy_ci_low": "id_ci_low",
+                                      "accuracy_ci_high": "id_ci_high"})
+    ood_rows = rows[rows["eval_domain"].isin(panels)][[*keys, "eval_domain", "accuracy", "accuracy_ci_low",
+                                                        "accuracy_ci_high"]]
+    ood_rows = ood_rows.rename(columns={"eval_domain": "panel", "accuracy": "ood_acc", "accuracy_ci_low": "ood_ci_low",
+                                        "accuracy_ci_high": "ood_ci_high"})
+    merged = ood_rows.merge(id_rows, on=keys, how="inner")
+    is_ref = merged["method"] == REFERENCE_METHOD
+    merged = merged[~is_ref | (merged["alpha"] == merged.loc[is_ref, "alpha"].min())].copy()
+    if merged.empty:
+        return pd.DataFrame(columns=["method", "variant", "series", "alpha", "panel", "panel_label", "kind", "id_acc",
+                                     "ood_acc", "id_lo", "id_hi", "ood_lo", "ood_hi", "n_seeds", "selected",
+                                     "selected_seeds", "error"])
+    group = merged.groupby(["method", "variant", "alpha", "panel"], sort=False)
+    out = group.agg(id_acc=("id_acc", "mean"), ood_acc=("ood_acc", "mean"), id_sd=("id_acc", "std"),
+                    ood_sd=("ood_acc", "std"), n_seeds=("seed", "nunique"), selected_seeds=("selected_alpha", "sum"),
+                    id_ci_low=("id_ci_low", "mean"), id_ci_high=("id_ci_high", "mean"),
+                    ood_ci_low=("ood_ci_low", "mean"), ood_ci_high=("ood_ci_high", "mean")).reset_index()
+    several = out["n_seeds"] > 1
+    for axis in ("id", "ood"):
+        sd = out[f"{axis}_sd"].fillna(0.0)
+        out[f"{axis}_lo"] = np.where(several, out[f"{axis}_acc"] - sd, out[f"{axis}_ci_low"])
+        out[f"{axis}_hi"] = np.where(several, out[f"{axis}_acc"] + sd, out[f"{axis}_ci_high"])
+    out["error"] = np.where(several, "±1 s.d. over seeds", "95% bootstrap CI")
+    out.loc[out[["ood_lo", "ood_hi"]].isna().all(axis=1), "error"] = "none"
+    out["series"] = [series_label(m, v) for m, v in zip(out["method"], out["variant"])]
+    out["panel_label"] = out["panel"].map(_domain_label)
+    is_ref = out["method"] == REFERENCE_METHOD
+    out["kind"] = np.select([is_ref | (out["alpha"] == 0), out["alpha"] == 1], [POINT_KINDS[0], POINT_KINDS[2]],
+                            POINT_KINDS[1])
+    # the alpha most seeds chose on ID validation (ties: the smaller alpha), per series
+    votes = out[out["panel"] == panels[-1]] if (out["panel"] == panels[-1]).any() else out
+    votes = votes[~(votes["method"] == REFERENCE_METHOD)]
+    best = (votes[votes["selected_seeds"] > 0].sort_values(["selected_seeds", "alpha"], ascending=[False, True])
+            .drop_duplicates(["method", "variant"])[["method", "variant", "alpha"]].assign(selected=True))
+    out = out.merge(best, on=["method", "variant", "alpha"], how="left")
+    out["selected"] = out["selected"].astype("boolean").fillna(False).astype(bool)
+    out["panel"] = pd.Categorical(out["panel"], categories=panels)
+    return out.sort_values(["panel", "method", "variant", "alpha"]).reset_index(drop=True).assign(
+        panel=lambda f: f["panel"].astype(str))
+
+
+def id_vs_ood_chart(
+    summary: pd.DataFrame,
+    ood_domains: Sequence[str] | None = None,
+    columns: int = 4,
+    panel_size: tuple[int, int] = (250, 230),
+    interpolation: str = "linear",
+    calibration: str = "none",
+) -> alt.FacetChart:
+    """ID vs OOD accuracy along every method's WiSE-FT path (alpha 0 → 1), one panel per OOD domain and the average."""
+    points = id_vs_ood_points(summary, ood_domains, interpolation, calibration)
+    if points.empty:
+        return _themed(_note("No ID/OOD test accuracies in the summary.", "ID vs OOD accuracy"))
+    id_domain = id_domain_of(summary)
+    panel_order = [_domain_label(p) for p in pd.unique(points["panel"])]
+    colour = method_colours(summary["method"].unique())
+    dashes = variant_dashes(points["variant"])
+    is_reference = f"datum.method == '{REFERENCE_METHOD}'"
+    highlight = alt.selection_point(fields=["method"], bind="legend", name="pick_method")
+    fade = alt.condition(highlight, alt.value(1.0), alt.value(0.12))
+    x = alt.X("id_acc:Q", title=f"ID test accuracy ({id_domain})", scale=alt.Scale(zero=False, nice=True),
+              axis=alt.Axis(format=".0%", tickCount=5))
+    y = alt.Y("ood_acc:Q", title="OOD test accuracy", scale=alt.Scale(zero=False, nice=True),
+              axis=alt.Axis(format=".0%", tickCount=5))
+    tooltip = [
+        alt.Tooltip("series:N", title="method"), alt.Tooltip("variant:N"), alt.Tooltip("panel_label:N", title="OOD"),
+        alt.Tooltip("alpha:Q", title="α", format=".2f"), alt.Tooltip("id_acc:Q", title="ID acc", format=".2%"),
+        alt.Tooltip("ood_acc:Q", title="OOD acc", format=".2%"), alt.Tooltip("n_seeds:Q", title="seeds"),
+        alt.Tooltip("error:N", title="error bars"), alt.Tooltip("ood_lo:Q", title="OOD low", format=".2%"),
+        alt.Tooltip("ood_hi:Q", title="OOD high", format=".2%"),
+        alt.Tooltip("selected_seeds:Q", title="chosen on ID val (seeds)"),
+    ]
+    trained = alt.datum.method != REFERENCE_METHOD
+    paths = (alt.Chart().transform_filter(trained).mark_line(strokeWidth=2.2).properties(name="wise_paths")
+             .encode(x=x, y=y, order="alpha:Q", detail="series:N",
+                     color=alt.Color("method:N", scale=colour, title="method",
+                                     legend=alt.Legend(orient="right", symbolType="stroke", symbolSize=250)),
+                     strokeDash=alt.StrokeDash("variant:N", scale=dashes, title="variant",
+                                               legend=alt.Legend(symbolType="stroke", symbolSize=250)
+                                               if len(dashes.domain) > 1 else None),
+                     opacity=fade))
+    x_bars = (alt.Chart().transform_filter("isValid(datum.id_lo) && isValid(datum.id_hi)")
+              .mark_rule(strokeWidth=1.2).properties(name="id_error_bars")
+              .encode(x="id_lo:Q", x2="id_hi:Q", y=y, color=alt.Color("method:N", scale=colour, legend=None),
+                      opacity=alt.condition(highlight, alt.value(0.55), alt.value(0.06))))
+    y_bars = (alt.Chart().transform_filter("isValid(datum.ood_lo) && isValid(datum.ood_hi)")
+              .mark_rule(strokeWidth=1.2).properties(name="ood_error_bars")
+              .encode(x=x, y="ood_lo:Q", y2="ood_hi:Q", color=alt.Color("method:N", scale=colour, legend=None),
+                      opacity=alt.condition(highlight, alt.value(0.55), alt.value(0.06))))
+    # the reference point is drawn once (by the reference method, or by the alpha-0 point of the first series)
+    ref_alpha = (f"{is_reference} || (datum.alpha == 0 && !{_has_reference(points)} && "
+                 f"datum.series == '{_first_series(points)}')")
+    marks = (alt.Chart().transform_filter(f"datum.alpha > 0 && !({is_reference}) || {ref_alpha}")
+             .mark_point(filled=True, opacity=1, stroke="white", strokeWidth=0.8).properties(name="alpha_points")
+             .encode(x=x, y=y,
+                     color=alt.condition(f"datum.kind == '{POINT_KINDS[0]}'", alt.value("#222222"),
+                                         alt.Color("method:N", scale=colour, legend=None)),
+                     shape=alt.Shape("kind:N", title="point", scale=alt.Scale(
+                         domain=list(POINT_KINDS), range=["square", "circle", "diamond"]),
+                         legend=alt.Legend(symbolFillColor="#555", symbolStrokeColor="white", symbolSize=110)),
+                     size=alt.Size("kind:N", scale=alt.Scale(domain=list(POINT_KINDS), range=[120, 40, 150]),
+                                   legend=None),
+                     opacity=fade, tooltip=tooltip)
+             .add_params(highlight))
+    selected = (alt.Chart().transform_filter(alt.datum.selected)
+                .mark_point(shape="circle", filled=False, size=380, strokeWidth=2.2).properties(name="selected_points")
+                .encode(x=x, y=y, color=alt.Color("method:N", scale=colour, legend=None), opacity=fade,
+                        tooltip=tooltip))
+    ref_label = (alt.Chart().transform_filter(f"datum.kind == '{POINT_KINDS[0]}'").transform_filter(ref_alpha)
+                 .mark_text(align="left", dx=8, dy=-8, fontSize=11, color="#222").properties(name="reference_label")
+                 .encode(x=x, y=y, text=alt.value("reference")))
+    layered = alt.layer(x_bars, y_bars, paths, marks, selected, ref_label, data=points).properties(
+        width=panel_size[0], height=panel_size[1])
+    errors = sorted(set(points["error"]) - {"none"})
+    subtitle = [
+        "Each line is one method's WiSE-FT path from the reference model (α = 0, black square) to the fine-tuned "
+        "model (α = 1, diamond);",
+        f"the ring marks the α chosen on ID validation. Error bars: {' or '.join(errors) if errors else 'none'}. "
+        "Click a method in the legend to highlight it.",
+    ]
+    chart = layered.facet(
+        facet=alt.Facet("panel_label:N", sort=panel_order, title=None,
+                        header=alt.Header(labelFontSize=13, labelFontWeight="bold", labelPadding=6)),
+        columns=min(columns, len(panel_order)),
+        title=alt.Title("ID vs OOD accuracy along the WiSE-FT interpolation path", subtitle=subtitle),
+    ).resolve_scale(y="independent", x="independent")
+    return _themed(chart)
+
+
+def _has_reference(points: pd.DataFrame) -> str:
+    return "true" if (points["method"] == REFERENCE_METHOD).any() else "false"
+
+
+def _first_series(points: pd.DataFrame) -> str:
+    return str(points["series"].iloc[0]).replace("'", "\\'")
+
+
+# ---------------------------------------------------------------------------------------------- 2. leaderboard
+def leaderboard(
+    summary: pd.DataFrame,
+    ood_domains: Sequence[str] | None = None,
+    interpolation: str = "linear",
+    calibration: str = "none",
+) -> pd.DataFrame:
+    """Per method/variant, at alpha = 1 and at the alpha chosen on ID validation: ID, OOD average and per-domain
+    test accuracy (seed means, with the seed s.d. in ``*_sd`` columns), trainable parameters, checkpoint size and
+    training time. The reference method has one row. Sorted by OOD average, best first, reference on top.
+    """
+    rows = _base(summary, interpolation, calibration)
+    id_domain = id_domain_of(summary)
+    domains = [id_domain, OOD_AVERAGE, *ood_domains_of(summary, ood_domains)]
+    rows = rows[rows["eval_domain"].isin(domains)]
+    keys = ["method", "variant", "seed"]
+    last = rows[rows["alpha"] == rows.groupby(keys)["alpha"].transform("max")].assign(point="fine-tuned (α = 1)")
+    chosen = rows[rows["selected_alpha"].astype(bool)].assign(point="WiSE-FT (α chosen on ID val)")
+    both = pd.concat([last, chosen[chosen["method"] != REFERENCE_METHOD]], ignore_index=True)
+    both.loc[both["method"] == REFERENCE_METHOD, "point"] = "reference"
+    wide = both.pivot_table(index=[*keys, "point", "alpha"], columns="eval_domain", values="accuracy").reset_index()
+    costs = (rows.groupby(keys)[["trainable_params", "total_params", "checkpoint_bytes", "train_seconds"]]
+             .first().reset_index())
+    wide = wide.merge(costs, on=keys, how="left")
+    group = wide.groupby(["method", "variant", "point"], sort=False)
+    table = group.agg(seeds=("seed", "nunique"),
+                      alpha=("alpha", lambda a: "/".join(f"{v:g}" for v in sorted(set(a)))),
+                      **{d: (d, "mean") for d in domains if d in wide},
+                      **{f"{d}_sd": (d, "std") for d in domains if d in wide},
+                      trainable_params=("trainable_params", "mean"), total_params=("total_params", "mean"),
+                      checkpoint_bytes=("checkpoint_bytes", "mean"), train_seconds=("train_seconds", "mean"))
+    table = table.reset_index()
+    table = table.rename(columns={id_domain: "id", f"{id_domain}_sd": "id_sd"})
+    ranking = table[table["point"] != "fine-tuned (α = 1)"].set_index(["method", "variant"])
+    rank_key = ranking[OOD_AVERAGE] if OOD_AVERAGE in ranking else ranking["id"]
+    order = table.apply(lambda r: (r["method"] != REFERENCE_METHOD, -rank_key.get((r["method"], r["variant"]), 0.0),
+                                   r["point"] != "fine-tuned (α = 1)"), axis=1)
+    table = table.loc[sorted(table.index, key=lambda i: order[i])].reset_index(drop=True)
+    table.attrs.update(id_domain=id_domain, ood_domains=[d for d in domains[2:] if d in table])
+    return table
+
+
+def leaderboard_display(table: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard formatted for reading: accuracies in %, "± s.d." where several seeds, sizes in MB."""
+    id_domain = table.attrs.get("id_domain", "ID")
+    ood = table.attrs.get("ood_domains", [])
+
+    def acc(row, col):
+        value, sd = row.get(col), row.get(f"{col}_sd")
+        if value is None or pd.isna(value):
+            return "–"
+        return f"{100 * value:.1f} ± {100 * sd:.1f}" if sd is not None and pd.notna(sd) and row["seeds"] > 1 \
+            else f"{100 * value:.1f}"
+
+    out = pd.DataFrame({
+        "method": table["method"], "variant": table["variant"], "weights": table["point"], "α": table["alpha"],
+        "seeds": table["seeds"].astype(int),
+        f"ID {id_domain}": [acc(r, "id") for _, r in table.iterrows()],
+        "OOD avg": [acc(r, OOD_AVERAGE) for _, r in table.iterrows()],
+    })
+    for d in ood:
+        out[d] = [acc(r, d) for _, r in table.iterrows()]
+    out["trainable"] = [_count(v) for v in table["trainable_params"]]
+    out["checkpoint"] = [_bytes(v) for v in table["checkpoint_bytes"]]
+    out["train time"] = [_seconds(v) for v in table["train_seconds"]]
+    return out
+
+
+def _count(value) -> str:
+    if value is None or pd.isna(value):
+        return "–"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def _bytes(value) -> str:
+    if value is None or pd.isna(value):
+        return "–"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _seconds(value) -> str:
+    if value is None or pd.isna(value):
+        return "–"
+    if value >= 3600:
+        return f"{value / 3600:.1f} h"
+    return f"{value / 60:.1f} min" if value >= 120 else f"{value:.1f} s"
+
+
+def leaderboard_text(table: pd.DataFrame) -> str:
+    """The leaderboard as a plain-text table for the terminal."""
+    shown = leaderboard_display(table)
+    if shown.empty:
+        return "(no runs in the summary)\n"
+    cells = [list(map(str, shown.columns))] + [[str(v) for v in row] for row in shown.itertuples(index=False)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    text_cols = {"method", "variant", "weights"}
+
+    def line(row):
+        return "  ".join(c.ljust(w) if shown.columns[i] in text_cols else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *map(line, cells[1:])]) + "\n"
+
+
+# ------------------------------------------------------------------------------------- 3. calibration (absent classes)
+def has_absent_classes(summary: pd.DataFrame, curves: pd.DataFrame | None = None) -> bool:
+    """Whether any run evaluated classes absent from its fine-tuning data."""
+    absent = pd.to_numeric(summary.get("n_absent"), errors="coerce").fillna(0)
+    return bool((absent > 0).any()) or (curves is not None and not curves.empty)
+
+
+def calibration_chart(summary: pd.DataFrame, curves: pd.DataFrame, ood_domains: Sequence[str] | None = None,
+                      interpolation: str = "linear") -> alt.TopLevelMixin:
+    """Seen- vs absent-class accuracy over the logit offset γ (ID test, α = 1) and accuracy before/after the chosen γ."""
+    title = "Logit-scale calibration for classes absent from fine-tuning"
+    if not has_absent_classes(summary, curves):
+        return _themed(_note("No run has classes absent from its fine-tuning data: nothing to calibrate.", title))
+    id_domain = id_domain_of(summary)
+    colour = method_colours(summary["method"].unique())
+    absent_runs = summary[pd.to_numeric(summary["n_absent"], errors="coerce").fillna(0) > 0][
+        ["method", "variant"]].drop_duplicates()
+    dashes = variant_dashes(absent_runs["variant"])
+    charts = []
+    curve = curves if curves is not None else pd.DataFrame()
+    if not curve.empty:
+        top = curve.groupby(["method", "variant", "seed"])["alpha"].transform("max")
+        curve = curve[(curve["split"] == "test") & (curve["eval_domain"] == id_domain) & (curve["alpha"] == top)
+                      & (curve["interpolation"] == interpolation)].copy()
+    if not curve.empty:
+        curve["series"] = [series_label(m, v) for m, v in zip(curve["method"], curve["variant"])]
+        curve["run"] = curve["series"] + " seed " + curve["seed"].astype(str)
+        curve = _thin(curve, ["run"], 400, order="gamma")
+        chosen = summary[(summary["interpolation"] == interpolation) & (summary["eval_domain"] == id_domain)
+                         & (summary["split"] == "test")]
+        chosen = chosen[(chosen["alpha"] == chosen.groupby(["method", "variant", "seed"])["alpha"].transform("max"))
+                        & (pd.to_numeric(chosen["n_absent"], errors="coerce").fillna(0) > 0)].copy()
+        chosen["series"] = [series_label(m, v) for m, v in zip(chosen["method"], chosen["variant"])]
+        chosen["calibration_label"] = chosen["calibration"].map(lambda c: CALIBRATION_LABELS.get(c, c))
+        axis = dict(format=".0%", tickCount=5)
+        lines = (alt.Chart(curve).mark_line(strokeWidth=2).properties(name="calibration_curves")
+                 .encode(x=alt.X("seen_accuracy:Q", title="seen-class accuracy", axis=alt.Axis(**axis)),
+                         y=alt.Y("absent_accuracy:Q", title="absent-class accuracy", axis=alt.Axis(**axis)),
+                         order="gamma:Q", detail="run:N", color=alt.Color("method:N", scale=colour, title="method"),
+                         strokeDash=alt.StrokeDash("variant:N", scale=dashes, title="variant",
+                                                   legend=None if len(dashes.domain) < 2 else alt.Legend()),
+                         tooltip=["series:N", "seed:Q", alt.Tooltip("gamma:Q", format=".3f"),
+                                  alt.Tooltip("seen_accuracy:Q", format=".2%"),
+                                  alt.Tooltip("absent_accuracy:Q", format=".2%"),
+                                  alt.Tooltip("ausuc:Q", title="AUSUC", format=".3f")]))
+        dots = (alt.Chart(chosen).mark_point(filled=True, size=110, stroke="white", strokeWidth=0.8).properties(name="calibration_chosen")
+                .encode(x="seen_accuracy:Q", y="absent_accuracy:Q",
+                        color=alt.Color("method:N", scale=colour),
+                        shape=alt.Shape("calibration_label:N", title="γ chosen by",
+                                        scale=alt.Scale(domain=[CALIBRATION_LABELS[c] for c in CALIBRATIONS],
+                                                        range=["circle", "triangle-up", "square"])),
+                        tooltip=["series:N", "seed:Q", alt.Tooltip("calibration_label:N", title="calibration"),
+                                 alt.Tooltip("gamma:Q", format=".3f"), alt.Tooltip("accuracy:Q", format=".2%"),
+                                 alt.Tooltip("seen_accuracy:Q", format=".2%"),
+                                 alt.Tooltip("absent_accuracy:Q", format=".2%")]))
+        charts.append(alt.layer(lines, dots).properties(
+            width=330, height=300,
+            title=alt.Title(f"Seen vs absent classes over γ ({id_domain} test, α = 1)",
+                            subtitle="γ is added to absent-class logits; marks: γ chosen by ALG / PCV, and γ = 0")))
+    charts.append(_calibration_gain(summary, absent_runs, ood_domains, colour, dashes, interpolation))
+    chart = alt.vconcat(*charts, spacing=28, title=alt.Title(title)).resolve_scale(color="shared", shape="independent")
+    return _themed(chart)
+
+
+def _calibration_gain(summary, absent_runs, ood_domains, colour, dashes, interpolation) -> alt.FacetChart:
+    """Accuracy (all, seen, absent classes) with no calibration, ALG and PCV at alpha = 1, per eval domain."""
+    id_domain = id_domain_of(summary)
+    domains = [id_domain, *ood_domains_of(summary, ood_domains), OOD_AVERAGE]
+    rows = summary[(summary["interpolation"] == interpolation) & (summary["split"] == "test")
+                   & summary["eval_domain"].isin(domains)]
+    rows = rows.merge(absent_runs, on=["method", "variant"])
+    rows = rows[rows["alpha"] == rows.groupby(["method", "variant", "seed"])["alpha"].transform("max")]
+    long = rows.melt(id_vars=["method", "variant", "seed", "eval_domain", "calibration"],
+                     value_vars=["accuracy", "seen_accuracy", "absent_accuracy"], var_name="measure",
+                     value_name="value").dropna(subset=["value"])
+    long = (long.groupby(["method", "variant", "eval_domain", "calibration", "measure"])["value"]
+            .agg(["mean", "std", "count"]).reset_index())
+    long["series"] = [series_label(m, v) for m, v in zip(long["method"], long["variant"])]
+    long["calibration_label"] = long["calibration"].map(lambda c: CALIBRATION_LABELS.get(c, c))
+    long["measure"] = long["measure"].map({"accuracy": "all classes", "seen_accuracy": "seen classes",
+                                           "absent_accuracy": "absent classes"})
+    long["domain"] = long["eval_domain"].map(lambda d: f"{d} (ID)" if d == id_domain else _domain_label(d))
+    domain_order = [f"{id_domain} (ID)" if d == id_domain else _domain_label(d) for d in domains]
+    cal_order = [CALIBRATION_LABELS[c] for c in CALIBRATIONS if c in set(long["calibration"])]
+    base = alt.Chart().encode(
+        x=alt.X("calibration_label:N", sort=cal_order, title=None, axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("mean:Q", title="test accuracy", axis=alt.Axis(format=".0%", tickCount=4),
+                scale=alt.Scale(zero=False)),
+        color=alt.Color("method:N", scale=colour), detail="series:N")
+    tooltip = ["series:N", "domain:N", "measure:N", alt.Tooltip("calibration_label:N", title="calibration"),
+               alt.Tooltip("mean:Q", title="accuracy", format=".2%"), alt.Tooltip("count:Q", title="seeds")]
+    lines = base.mark_line(strokeWidth=1.8).properties(name="calibration_gain_lines").encode(
+        strokeDash=alt.StrokeDash("variant:N", scale=dashes, legend=None))
+    dots = base.mark_point(filled=True, size=55).properties(name="calibration_gain_points").encode(tooltip=tooltip)
+    return alt.layer(lines, dots, data=long).properties(width=120, height=110).facet(
+        row=alt.Row("measure:N", sort=["all classes", "seen classes", "absent classes"], title=None,
+                    header=alt.Header(labelAngle=0, labelAlign="left", labelFontWeight="bold")),
+        column=alt.Column("domain:N", sort=domain_order, title=None,
+                          header=alt.Header(labelFontWeight="bold")),
+        title=alt.Title("Accuracy before and after calibration (α = 1)",
+                        subtitle="none: raw logits; ALG: γ = average logit gap; PCV: γ from pseudo-absent folds"),
+    ).resolve_scale(y="independent")
+
+
+# ------------------------------------------------------------------------------------------------- 4. heatmap
+def accuracy_change(summary: pd.DataFrame, ood_domains: Sequence[str] | None = None,
+                    interpolation: str = "linear", calibration: str = "none") -> pd.DataFrame:
+    """Per method/variant and domain (ID test, each OOD domain, OOD average): seed-mean accuracy at alpha = 1 and
+    its change from the reference model (same domain), in accuracy points (fractions)."""
+    rows = _base(summary, interpolation, calibration)
+    id_domain = id_domain_of(summary)
+    domains = [id_domain, *ood_domains_of(summary, ood_domains), OOD_AVERAGE]
+    rows = rows[rows["eval_domain"].isin(domains)]
+    top = rows[rows["alpha"] == rows.groupby(["method", "variant", "seed"])["alpha"].transform("max")]
+    mean = top.groupby(["method", "variant", "eval_domain"])["accuracy"].mean().reset_index()
+    if (summary["method"] == REFERENCE_METHOD).any():
+        ref = mean[mean["method"] == REFERENCE_METHOD].groupby("eval_domain")["accuracy"].mean()
+    else:  # no reference run: alpha = 0 of every run is the reference model
+        zero = rows[rows["alpha"] == rows["alpha"].min()]
+        ref = zero.groupby("eval_domain")["accuracy"].mean()
+    out = mean[mean["method"] != REFERENCE_METHOD].copy()
+    out["reference"] = out["eval_domain"].map(ref)
+    out["change"] = out["accuracy"] - out["reference"]
+    out["series"] = [series_label(m, v) for m, v in zip(out["method"], out["variant"])]
+    out["domain"] = out["eval_domain"].map(lambda d: f"{d} (ID)" if d == id_domain else _domain_label(d))
+    out.attrs["domain_order"] = [f"{id_domain} (ID)" if d == id_domain else _domain_label(d) for d in domains]
+    return out.reset_index(drop=True)
+
+
+def accuracy_change_chart(summary: pd.DataFrame, ood_domains: Sequence[str] | None = None) -> alt.TopLevelMixin:
+    """Heatmap methods × domains: change in test accuracy from the reference model at alpha = 1, labelled."""
+    data = accuracy_change(summary, ood_domains)
+    title = "Change in test accuracy from the reference model (α = 1, no calibration)"
+    if data.empty:
+        return _themed(_note("No fine-tuned runs in the summary.", title))
+    data["change_pp"] = 100 * data["change"]
+    limit = max(1.0, float(np.nanmax(np.abs(data["change_pp"])))) if data["change_pp"].notna().any() else 1.0
+    order = []
+    for m in method_order(data["method"]):
+        order += sorted(data.loc[data["method"] == m, "series"].unique(), key=lambda s: (s != m, s))
+    ref = data.drop_duplicates("domain").set_index("domain")["reference"]
+    ref_text = ", ".join(f"{d} {100 * ref[d]:.1f}%" for d in data.attrs["domain_order"] if d in ref and pd.notna(ref[d]))
+    base = alt.Chart(data).encode(
+        x=alt.X("domain:N", sort=data.attrs["domain_order"], title=None,
+                axis=alt.Axis(orient="top", labelAngle=0, labelFontWeight="bold", domain=False, ticks=False)),
+        y=alt.Y("series:N", sort=order, title=None, axis=alt.Axis(domain=False, ticks=False, labelFontSize=12)))
+    cells = base.mark_rect(stroke="white", strokeWidth=1.5).properties(name="heat_cells").encode(
+        color=alt.Color("change_pp:Q", title="Δ accuracy (points)",
+                        scale=alt.Scale(scheme="redblue", domain=[-limit, limit], domainMid=0),
+                        legend=alt.Legend(orient="right", gradientLength=160, format="+.0f")),
+        tooltip=[alt.Tooltip("series:N", title="method"), "domain:N",
+                 alt.Tooltip("accuracy:Q", title="accuracy", format=".2%"),
+                 alt.Tooltip("reference:Q", title="reference", format=".2%"),
+                 alt.Tooltip("change_pp:Q", title="Δ (points)", format="+.2f")])
+    labels = base.mark_text(fontSize=12).properties(name="heat_labels").encode(
+        text=alt.Text("change_pp:Q", format="+.1f"),
+        color=alt.condition(f"abs(datum.change_pp) > {0.6 * limit}", alt.value("white"), alt.value("#222")))
+    n_rows, n_cols = len(order), len(data.attrs["domain_order"])
+    chart = alt.layer(cells, labels).properties(
+        width=max(300, 95 * n_cols), height=max(60, 30 * n_rows),
+        title=alt.Title(title, subtitle=f"Reference accuracy: {ref_text}. Blue: better than the reference; red: worse."))
+    return _themed(chart)
+
+
+# ------------------------------------------------------------------------------------------- 5. training curves
+def training_curves(logs: pd.DataFrame, max_points: int = 400) -> pd.DataFrame:
+    """Train logs (one row per step, ``method``/``variant``/``seed`` columns added) in long form: one row per
+    (run, step, measure) for the total loss, each ``loss_<term>`` column and ID validation accuracy."""
+    if logs is None or logs.empty or "step" not in logs:
+        return pd.DataFrame(columns=["method", "variant", "seed", "series", "run", "step", "measure", "value"])
+    terms = [c for c in logs.columns if c == "loss" or c.startswith("loss_")]
+    measures = {"loss": "loss (total)", **{t: f"loss: {t[5:]}" for t in terms if t != "loss"}}
+    if "val_accuracy" in logs:
+        measures["val_accuracy"] = "ID val accuracy"
+    long = logs.melt(id_vars=["method", "variant", "seed", "step"], value_vars=list(measures), var_name="column",
+                     value_name="value").dropna(subset=["value"])
+    long["measure"] = long["column"].map(measures)
+    long["series"] = [series_label(m, v) for m, v in zip(long["method"], long["variant"])]
+    long["run"] = long["series"] + " seed " + long["seed"].astype(str)
+    long = _thin(long, ["run", "measure"], max_points, order="step")
+    long.attrs["measure_order"] = list(measures.values())
+    return long.drop(columns="column").reset_index(drop=True)
+
+
+def training_curves_chart(logs: pd.DataFrame, methods: Iterable[str] | None = None, columns: int = 3,
+                          max_points: int = 400) -> alt.TopLevelMixin:
+    """Loss terms and ID validation accuracy vs step, one panel per measure, one line per run."""
+    data = training_curves(logs, max_points)
+    title = "Training curves"
+    if data.empty:
+        return _themed(_note("No training logs (only the reference model, which is not trained).", title))
+    order = data.attrs["measure_order"]
+    colour = method_colours(set(methods or []) | set(data["method"]))
+    dashes = variant_dashes(data["variant"])
+    highlight = alt.selection_point(fields=["method"], bind="legend", name="pick_run")
+    tooltip = [alt.Tooltip("run:N"), "measure:N", "step:Q", alt.Tooltip("value:Q", format=".4g")]
+    base = alt.Chart().encode(
+        x=alt.X("step:Q", title="step"), y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
+        color=alt.Color("method:N", scale=colour, title="method"),
+        opacity=alt.condition(highlight, alt.value(0.95), alt.value(0.08)))
+    lines = base.mark_line(strokeWidth=1.6).properties(name="train_lines").encode(
+        detail="run:N", strokeDash=alt.StrokeDash("variant:N", scale=dashes, title="variant",
+                                                  legend=alt.Legend() if len(dashes.domain) > 1 else None),
+        tooltip=tooltip).add_params(highlight)
+    val = base.transform_filter(alt.datum.measure == "ID val accuracy").mark_point(
+        filled=True, size=36).properties(name="val_points").encode(tooltip=tooltip)
+    chart = alt.layer(lines, val, data=data).properties(width=250, height=170).facet(
+        facet=alt.Facet("measure:N", sort=order, title=None, header=alt.Header(labelFontWeight="bold")),
+        columns=min(columns, len(order)),
+        title=alt.Title(title, subtitle="Per-step loss terms and ID validation accuracy (points at epoch ends); "
+                                        "click a method in the legend to highlight it."),
+    ).resolve_scale(y="independent", x="independent")
+    return _themed(chart)
+
+
+def _thin(frame: pd.DataFrame, keys: list[str], max_points: int, order: str) -> pd.DataFrame:
+    """At most ``max_points`` rows per group (evenly spaced, keeping the last), so pages stay small."""
+    parts = []
+    for _, group in frame.sort_values([*keys, order]).groupby(keys, sort=False):
+        if len(group) > max_points:
+            idx = np.unique(np.linspace(0, len(group) - 1, max_points).round().astype(int))
+            group = group.iloc[idx]
+        parts.append(group)
+    return pd.concat(parts) if parts else frame

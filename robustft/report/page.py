@@ -1,0 +1,321 @@
+"""Assemble ``results/report/``: one self-contained ``index.html`` (Vega inlined, no network), every chart as PNG
+and Vega-Lite JSON beside it, and the leaderboard as text and CSV."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, TextIO
+
+import pandas as pd
+
+from robustft.io.tables import read_table
+from robustft.report import CHART_NAMES, LEADERBOARD_FILES
+from robustft.report import charts as C
+
+_RUN_PATH = re.compile(r"(?:^|/)runs/(?P<method>[^/]+)/(?P<variant>[^/]+)/seed(?P<seed>\d+)/[^/]+$")
+
+CAPTIONS = {
+    "id_vs_ood": (
+        "ID vs OOD accuracy",
+        "Each method's WiSE-FT path: weights interpolated linearly between the reference model (α = 0) and the "
+        "fine-tuned model (α = 1), evaluated on the ID test split (x) and on each OOD domain and their average (y). "
+        "Points up and to the right are better; a path bulging above the straight line between its endpoints means "
+        "interpolation buys robustness. Seed means; no logit calibration.",
+    ),
+    "accuracy_change": (
+        "Change from the reference model",
+        "Test accuracy of each fine-tuned model (α = 1, no calibration, seed mean) minus the reference model's, in "
+        "accuracy points, per domain.",
+    ),
+    "calibration": (
+        "Calibration for absent classes",
+        "Runs fine-tuned without some classes (class-subset protocol): a logit offset γ added to the absent classes "
+        "trades seen-class for absent-class accuracy. ALG picks γ from the average logit gap, PCV by pseudo-absent "
+        "cross-validation.",
+    ),
+    "training_curves": (
+        "Training curves",
+        "Per-step loss (total and each term of the method's objective) and ID validation accuracy at epoch ends, one "
+        "line per run.",
+    ),
+}
+
+_STYLE = """
+body { font-family: Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1500px; padding: 1.2em 2em 4em;
+       color: #222; line-height: 1.45; }
+h1 { font-size: 1.7em; margin-bottom: 0.1em; }
+h2 { font-size: 1.3em; margin-top: 2.2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+p.meta, p.files { color: #666; font-size: 0.9em; }
+p.caption { max-width: 62em; }
+p.note { background: #f6f6f6; border-left: 4px solid #bbb; padding: 0.6em 1em; max-width: 62em; }
+dl.config { display: grid; grid-template-columns: max-content auto; gap: 0.25em 1.2em; font-size: 0.95em; }
+dl.config dt { font-weight: bold; color: #444; }
+dl.config dd { margin: 0; }
+code { background: #f3f3f3; padding: 0 0.25em; border-radius: 3px; }
+table.leaderboard { border-collapse: collapse; font-size: 0.9em; font-variant-numeric: tabular-nums; }
+table.leaderboard th, table.leaderboard td { padding: 0.3em 0.7em; border-bottom: 1px solid #e4e4e4; }
+table.leaderboard th { background: #f4f4f4; text-align: center; position: sticky; top: 0; }
+table.leaderboard td.num { text-align: right; }
+table.leaderboard tr.reference td { background: #fafafa; font-style: italic; }
+table.leaderboard tr.first td { border-top: 1px solid #bbb; }
+span.swatch { display: inline-block; width: 0.8em; height: 0.8em; border-radius: 2px; margin-right: 0.4em; }
+div.chart { margin: 0.8em 0; overflow-x: auto; }
+div.chart[data-status="error"] { color: #b00; }
+"""
+
+_EMBED_SCRIPT = """
+(function () {
+  const options = {renderer: "svg", actions: {export: true, source: true, compiled: false, editor: false}};
+  const jobs = Array.from(document.querySelectorAll("div.chart[data-chart]")).map(function (el) {
+    const spec = JSON.parse(document.getElementById("spec-" + el.dataset.chart).textContent);
+    return vegaEmbed(el, spec, options).then(function (result) {
+      el.dataset.status = "rendered";
+      return result;
+    }).catch(function (error) {
+      el.dataset.status = "error";
+      el.dataset.error = String(error);
+      el.insertAdjacentText("beforeend", "Chart failed to render: " + error);
+    });
+  });
+  window.robustftCharts = Promise.all(jobs).then(function () { document.body.dataset.charts = "done"; });
+})();
+"""
+
+
+# -------------------------------------------------------------------------------------------------------- inputs
+def run_identity(path: str | Path) -> dict[str, Any]:
+    """``method``, ``variant`` and ``seed`` from a path ``.../runs/{method}/{variant}/seed{seed}/<file>``."""
+    match = _RUN_PATH.search(Path(path).as_posix())
+    if not match:
+        raise ValueError(f"{path}: not inside results/runs/<method>/<variant>/seed<seed>/")
+    return {"method": match["method"], "variant": match["variant"], "seed": int(match["seed"])}
+
+
+def load_curves(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Every run's calibration curve in one table (runs without absent classes contribute no rows)."""
+    frames = [read_table(p) for p in paths]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_train_logs(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Every run's per-step train log in one table, with ``method``, ``variant``, ``seed`` from the run's folder."""
+    frames = []
+    for path in paths:
+        frame = read_table(path)
+        if len(frame) and "step" in frame:
+            frames.append(frame.assign(**run_identity(path)))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+# -------------------------------------------------------------------------------------------------------- charts
+def build_charts(summary: pd.DataFrame, curves: pd.DataFrame | None = None, logs: pd.DataFrame | None = None,
+                 ood_domains: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every chart of the report, by name (the names in ``CHART_NAMES``)."""
+    methods = summary["method"].unique()
+    return {
+        "id_vs_ood": C.id_vs_ood_chart(summary, ood_domains),
+        "accuracy_change": C.accuracy_change_chart(summary, ood_domains),
+        "calibration": C.calibration_chart(summary, curves if curves is not None else pd.DataFrame(), ood_domains),
+        "training_curves": C.training_curves_chart(logs if logs is not None else pd.DataFrame(), methods),
+    }
+
+
+def report_files(out_dir: str | Path = "results/report") -> list[str]:
+    """Every file :func:`write_report` writes, ``index.html`` first (the outputs the Snakemake rule declares)."""
+    out = Path(out_dir)
+    files = [out / "index.html"]
+    for name in CHART_NAMES:
+        files += [out / f"{name}.png", out / f"{name}.vl.json"]
+    return [str(f) for f in files + [out / f for f in LEADERBOARD_FILES]]
+
+
+def write_report(
+    summary_path: str | Path,
+    curve_paths: Sequence[str | Path] = (),
+    train_log_paths: Sequence[str | Path] = (),
+    config: Mapping[str, Any] | None = None,
+    out_dir: str | Path = "results/report",
+    png_scale: float = 2.0,
+) -> dict[str, Path]:
+    """Write ``index.html``, ``<chart>.png`` and ``<chart>.vl.json`` per chart, and ``leaderboard.{txt,csv}``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(config or {})
+    summary = read_table(summary_path, ("method", "variant", "seed", "eval_domain", "alpha", "accuracy"))
+    curves, logs = load_curves(curve_paths), load_train_logs(train_log_paths)
+    ood = ((config.get("dataset") or {}).get("ood_domains")) or None
+    charts = build_charts(summary, curves, logs, ood)
+    table = C.leaderboard(summary, ood)
+    written: dict[str, Path] = {}
+    specs = {}
+    for name, chart in charts.items():
+        specs[name] = chart.to_dict()
+        written[f"{name}.vl.json"] = _write_text(out / f"{name}.vl.json", json.dumps(specs[name], indent=1))
+        chart.save(str(out / f"{name}.png"), format="png", scale_factor=png_scale)
+        written[f"{name}.png"] = out / f"{name}.png"
+    written["leaderboard.txt"] = _write_text(out / "leaderboard.txt", C.leaderboard_text(table))
+    flat = table.copy()
+    flat.attrs = {}
+    flat.to_csv(out / "leaderboard.csv", index=False)
+    written["leaderboard.csv"] = out / "leaderboard.csv"
+    page = render_page(specs, table, summary, curves, config)
+    written["index.html"] = _write_text(out / "index.html", page)
+    return written
+
+
+def _write_text(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------- page
+def render_page(specs: Mapping[str, dict], table: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame | None,
+                config: Mapping[str, Any]) -> str:
+    """The HTML page: configuration, every chart (Vega-Lite specs embedded, Vega inlined) and the leaderboard."""
+    title = ((config.get("report") or {}).get("title")) or "robustft report"
+    sections = [f"<header><h1>{_e(title)}</h1><p class=\"meta\">Generated {_dt.datetime.now():%Y-%m-%d %H:%M} "
+                f"from <code>results/summary.parquet</code> ({len(summary)} rows, "
+                f"{summary[['method', 'variant', 'seed']].drop_duplicates().shape[0]} runs).</p></header>",
+                _config_section(config, summary)]
+    order = ["id_vs_ood", "leaderboard", "accuracy_change", "calibration", "training_curves"]
+    number = 0
+    for name in order:
+        number += 1
+        if name == "leaderboard":
+            sections.append(_leaderboard_section(number, table, summary))
+            continue
+        heading, caption = CAPTIONS[name]
+        if name == "id_vs_ood":
+            caption += " " + reference_sentence(config, summary)
+        body = f"<p class=\"caption\">{_e(caption)}</p>"
+        if name == "calibration" and not C.has_absent_classes(summary, curves):
+            body = ("<p class=\"note\">No run in this configuration fine-tunes without some classes (class-subset "
+                    "protocol), so there is nothing to calibrate.</p>")
+        else:
+            body += (f"<div class=\"chart\" id=\"chart-{name}\" data-chart=\"{name}\" data-status=\"pending\"></div>"
+                     f"<p class=\"files\">Files: <a href=\"{name}.png\">{name}.png</a> · "
+                     f"<a href=\"{name}.vl.json\">{name}.vl.json</a> (Vega-Lite)</p>")
+        sections.append(f"<section id=\"{name}\"><h2>{number}. {_e(heading)}</h2>{body}</section>")
+    spec_tags = "\n".join(f"<script type=\"application/json\" id=\"spec-{name}\">{_json_for_script(spec)}</script>"
+                          for name, spec in specs.items())
+    return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>{_e(title)}</title>\n"
+            f"<style>{_STYLE}</style>\n<script>\n{vega_bundle()}\n</script>\n</head>\n<body>\n"
+            + "\n".join(sections) + f"\n{spec_tags}\n<script>{_EMBED_SCRIPT}</script>\n</body>\n</html>\n")
+
+
+def vega_bundle() -> str:
+    """Vega, Vega-Lite and vega-embed as one script (from vl-convert, offline), safe inside a ``<script>`` tag."""
+    import vl_convert
+    from altair.utils._importers import vl_version_for_vl_convert
+
+    return vl_convert.javascript_bundle(vl_version=vl_version_for_vl_convert()).replace("</script", "<\\/script")
+
+
+def _json_for_script(spec: dict) -> str:
+    return json.dumps(spec, separators=(",", ":")).replace("</", "<\\/").replace("<!--", "<\\!--")
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def reference_sentence(config: Mapping[str, Any], summary: pd.DataFrame) -> str:
+    """What the reference model (α = 0, method ``zeroshot``) is for this backbone."""
+    backbone = (config.get("backbone") or {}).get("name") or str(summary["backbone"].iloc[0] if len(summary) else "")
+    if "clip" in backbone.lower():
+        return ("The reference model is zero-shot CLIP: the pre-trained image encoder with a head built from the "
+                "text embeddings of class-name prompts.")
+    return ("The reference model is a linear probe: a classifier head trained on frozen pre-trained features of the "
+            "ID training split (this backbone has no zero-shot head).")
+
+
+def _config_section(config: Mapping[str, Any], summary: pd.DataFrame) -> str:
+    dataset = config.get("dataset") or {}
+    backbone = config.get("backbone") or {}
+    id_domain = dataset.get("id_domain") or C.id_domain_of(summary)
+    ood = dataset.get("ood_domains") or C.ood_domains_of(summary)
+    items = [("Dataset", f"{dataset.get('name') or summary['dataset'].iloc[0]}"),
+             ("ID (training) domain", id_domain), ("OOD domains", ", ".join(ood))]
+    if dataset.get("max_per_class"):
+        caps = dataset["max_per_class"]
+        items.append(("Images per class (cap)", ", ".join(f"{k} {v}" for k, v in caps.items())))
+    bb = backbone.get("name") or summary["backbone"].iloc[0]
+    details = [f"{k} {backbone[k]}" for k in ("model", "pretrained") if backbone.get(k)]
+    if backbone.get("image_size"):
+        details.append(f"{backbone['image_size']} px")
+    items.append(("Backbone", bb + (f" ({', '.join(map(str, details))})" if details else "")))
+    items.append(("Reference model (α = 0)", reference_sentence(config, summary)))
+    runs = summary[["method", "variant", "seed"]].drop_duplicates()
+    methods = []
+    for method in C.method_order(runs["method"]):
+        variants = []
+        for variant in sorted(runs.loc[runs["method"] == method, "variant"].unique()):
+            settings = ((config.get("methods") or {}).get(method) or {}).get(variant)
+            text = variant + (f" <code>{_e(json.dumps(settings, sort_keys=True))}</code>" if settings else "")
+            variants.append(text if settings else _e(variant))
+        colour = C.KNOWN_METHOD_COLOURS.get(method, "#999")
+        methods.append(f"<span class=\"swatch\" style=\"background:{colour}\"></span><b>{_e(method)}</b>: "
+                       + ", ".join(variants))
+    items.append(("Methods / variants", "<br>".join(methods)))
+    seeds = config.get("seeds") or sorted(runs["seed"].unique())
+    items.append(("Seeds", ", ".join(map(str, seeds))))
+    alphas = (config.get("sweep") or {}).get("alphas") or sorted(summary["alpha"].unique())
+    items.append(("WiSE-FT α", ", ".join(f"{a:g}" for a in alphas)))
+    cals = sorted(summary["calibration"].unique(), key=lambda c: C.CALIBRATIONS.index(c) if c in C.CALIBRATIONS else 9)
+    items.append(("Calibrations", ", ".join(C.CALIBRATION_LABELS.get(c, c) for c in cals)))
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{v if k == 'Methods / variants' else _e(v)}</dd>" for k, v in items)
+    return f"<section id=\"configuration\"><h2>Configuration</h2><dl class=\"config\">{rows}</dl></section>"
+
+
+def _leaderboard_section(number: int, table: pd.DataFrame, summary: pd.DataFrame) -> str:
+    shown = C.leaderboard_display(table)
+    text_cols = {"method", "variant", "weights"}
+    head = "".join(f"<th>{_e(c)}</th>" for c in shown.columns)
+    body, previous = [], None
+    for (_, row), (_, raw) in zip(shown.iterrows(), table.iterrows()):
+        classes = []
+        if raw["method"] == C.REFERENCE_METHOD:
+            classes.append("reference")
+        if previous is not None and (raw["method"], raw["variant"]) != previous:
+            classes.append("first")
+        previous = (raw["method"], raw["variant"])
+        cells = []
+        for col, value in row.items():
+            if col == "method":
+                colour = C.KNOWN_METHOD_COLOURS.get(value, "#999")
+                cells.append(f"<td><span class=\"swatch\" style=\"background:{colour}\"></span>{_e(value)}</td>")
+            else:
+                attr = "" if col in text_cols else ' class="num"'
+                cells.append(f"<td{attr}>{_e(value)}</td>")
+        body.append(f"<tr class=\"{' '.join(classes)}\">{''.join(cells)}</tr>")
+    caption = ("Test accuracy (%) of each method at α = 1 (the fine-tuned weights) and at the α chosen on ID "
+               "validation (several chosen values when seeds disagree), seed mean ± s.d. where there are several "
+               "seeds; no calibration. Ranked by OOD average at the chosen α; the reference model on top. "
+               "Trainable parameters, checkpoint size on disk and wall-clock training time per run.")
+    return (f"<section id=\"leaderboard\"><h2>{number}. Leaderboard</h2><p class=\"caption\">{_e(caption)}</p>"
+            f"<table class=\"leaderboard\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            f"<p class=\"files\">Files: <a href=\"leaderboard.csv\">leaderboard.csv</a> · "
+            f"<a href=\"leaderboard.txt\">leaderboard.txt</a></p></section>")
+
+
+# ----------------------------------------------------------------------------------------------------- terminal
+def print_leaderboard(source: str | Path | pd.DataFrame, file: TextIO | None = None,
+                      ood_domains: Sequence[str] | None = None) -> None:
+    """Print the leaderboard as a plain-text table: from ``leaderboard.txt``, a summary Parquet file, or a summary."""
+    file = file or sys.stdout
+    if isinstance(source, pd.DataFrame):
+        text = C.leaderboard_text(C.leaderboard(source, ood_domains))
+    elif Path(source).suffix == ".txt":
+        text = Path(source).read_text(encoding="utf-8")
+    else:
+        text = C.leaderboard_text(C.leaderboard(read_table(source), ood_domains))
+    print("\nrobustft leaderboard (test accuracy %, no calibration)\n" + text, file=file, flush=True)

@@ -1,0 +1,326 @@
+"""Pixel and feature caches (HDF5): round trips, crash safety, corrupt and stale files, streamed extraction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from robustft.backbones.base import Preprocessing
+from robustft.data.adapters import DatasetAdapter
+from robustft.data.build import build_manifest
+from robustft.data.images import decode_for_cache
+from robustft.data.manifest import select_rows
+from robustft.data.pixels import (
+    PIXEL_COLUMNS,
+    iter_pixel_batches,
+    load_pixel_split,
+    pixel_cache_attrs,
+    pixel_split_sizes,
+    write_pixel_cache,
+)
+from robustft.features import FEATURE_COLUMNS, extract_features, load_features
+from robustft.io.arrays import StaleCacheError, array_writer, load_arrays, open_arrays, read_attrs
+from robustft.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+from robustft.io.tables import CorruptArtifactError, read_table, write_table
+
+SIZE = 8
+PRE = Preprocessing(SIZE, "bilinear", (0.5, 0.4, 0.3), (0.25, 0.2, 0.3))
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A tiny 1-domain x 2-class layout (varied sizes and modes) and its manifest."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for class_name in ("a", "b"):
+        for i in range(7):
+            w, h = int(rng.integers(9, 30)), int(rng.integers(9, 30))
+            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+            if i == 0:
+                image = image.convert("L")
+            path = root / "dom" / class_name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+    frame, meta = build_manifest(DatasetAdapter(), root, ["dom"], 0.0, 0.0, 0, workers=1)
+    return root, frame, meta
+
+
+@pytest.fixture
+def pixel_cache(dataset, tmp_path):
+    root, frame, meta = dataset
+    rows = select_rows(frame, "dom", "train")
+    attrs = pixel_cache_attrs(meta["manifest_hash"], PRE.pixel_key, "dom", "train", None)
+    out = tmp_path / "pixels" / "dom_train.h5"
+    write_pixel_cache(rows, root, out, SIZE, "bilinear", attrs, workers=2, batch_size=4)
+    return out, rows, attrs
+
+
+# --- pixel cache -----------------------------------------------------------------------------------------------------
+
+
+def test_pixel_cache_round_trip(dataset, pixel_cache):
+    root, _, _ = dataset
+    out, rows, attrs = pixel_cache
+    assert len(rows) == 14
+    split = load_pixel_split(out, attrs)
+    assert len(split) == 14
+    assert split.pixels.dtype == torch.uint8 and tuple(split.pixels.shape) == (14, SIZE, SIZE, 3)
+    expected = np.stack([decode_for_cache(root / p, SIZE, "bilinear") for p in rows["path"]])
+    assert np.array_equal(split.pixels.numpy(), expected)
+    assert split.labels.tolist() == rows["label"].tolist()
+    assert split.row_ids.tolist() == rows["row_id"].tolist()
+    with h5py.File(out, "r") as handle:
+        stored = read_attrs(handle)
+    assert stored["complete"] is True and stored["n_rows"] == 14
+    assert {k: stored[k] for k in attrs} == attrs
+    assert pixel_split_sizes([out]) == [14]
+    assert _leftovers(out.parent) == []
+
+
+def test_pixel_batches_stream_the_same_pixels(pixel_cache):
+    out, _, attrs = pixel_cache
+    whole = load_pixel_split(out, attrs)
+    batches = list(iter_pixel_batches(out, 5, attrs))
+    assert [len(b[1]) for b in batches] == [5, 5, 4]
+    assert torch.equal(torch.cat([b[0] for b in batches]), whole.pixels)
+    assert torch.equal(torch.cat([b[2] for b in batches]), whole.row_ids)
+
+
+def test_pixel_cache_subset(pixel_cache):
+    out, _, attrs = pixel_cache
+    split = load_pixel_split(out, attrs)
+    mask = split.labels == 1
+    sub = split.subset(mask)
+    assert len(sub) == int(mask.sum()) and (sub.labels == 1).all()
+
+
+@pytest.mark.parametrize(("key", "value"), [("manifest_hash", "0" * 16), ("pixel_key", "224px_bicubic"),
+                                            ("max_per_class", 10), ("split", "val")])
+def test_pixel_cache_stale_attrs(pixel_cache, key, value):
+    out, _, attrs = pixel_cache
+    with pytest.raises(StaleCacheError, match=f"stale cache: {key}") as info:
+        load_pixel_split(out, {**attrs, key: value})
+    assert str(out) in str(info.value)
+
+
+# --- crash safety, corrupt files -------------------------------------------------------------------------------------
+
+
+def test_crash_inside_array_writer_leaves_nothing(tmp_path):
+    out = tmp_path / "cache.h5"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        with array_writer(out, 10, {"x": ((3,), np.float32)}, {"kind": "test"}) as handle:
+            handle["x"][:5] = 1.0
+            raise RuntimeError("simulated crash")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_crash_inside_array_writer_keeps_the_previous_file(tmp_path):
+    out = tmp_path / "cache.h5"
+    with array_writer(out, 2, {"x": ((), np.int64)}, {"version": 1}) as handle:
+        handle["x"][...] = [1, 2]
+    with pytest.raises(KeyboardInterrupt):
+        with array_writer(out, 2, {"x": ((), np.int64)}, {"version": 2}) as handle:
+            raise KeyboardInterrupt
+    assert load_arrays(out, ("x",), {"version": 1})["x"].tolist() == [1, 2]
+    assert _leftovers(tmp_path) == []
+
+
+def test_attrs_round_trip_none_tuples_and_dicts(tmp_path):
+    out = tmp_path / "attrs.h5"
+    attrs = {"none": None, "mean": (0.5, 0.25), "spec": {"b": [1, 2], "a": None}, "n": 3, "flag": True, "s": "[x"}
+    with array_writer(out, 1, {"x": ((), np.int64)}, attrs):
+        pass
+    with open_arrays(out, ("x",), attrs) as handle:  # tuples compare equal to what was stored
+        stored = read_attrs(handle)
+    assert stored["none"] is None and stored["mean"] == [0.5, 0.25] and stored["spec"] == {"a": None, "b": [1, 2]}
+    assert stored["n"] == 3 and stored["flag"] is True and stored["s"] == "[x"
+    with pytest.raises(StaleCacheError, match="mean"):
+        open_arrays(out, ("x",), {"mean": (0.5, 0.3)})
+    with pytest.raises(StaleCacheError, match="absent_key"):
+        open_arrays(out, ("x",), {"absent_key": None})
+
+
+def test_open_arrays_rejects_an_incomplete_file(tmp_path):
+    # What a writer killed mid-write would leave if the file were not written under a temporary name.
+    out = tmp_path / "partial.h5"
+    with h5py.File(out, "w") as handle:
+        handle.create_dataset("x", shape=(4,), dtype=np.int64)
+        handle.attrs["n_rows"] = 4
+        handle.attrs["complete"] = False
+    with pytest.raises(CorruptArtifactError, match="incomplete") as info:
+        open_arrays(out, ("x",))
+    assert str(out) in str(info.value)
+
+
+def test_open_arrays_rejects_missing_columns_and_wrong_row_counts(tmp_path):
+    out = tmp_path / "odd.h5"
+    with h5py.File(out, "w") as handle:
+        handle.create_dataset("x", shape=(3,), dtype=np.int64)
+        handle.attrs["n_rows"] = 4
+        handle.attrs["complete"] = True
+    with pytest.raises(CorruptArtifactError, match="missing dataset 'y'"):
+        open_arrays(out, ("y",))
+    with pytest.raises(CorruptArtifactError, match="has 3 rows, expected 4"):
+        open_arrays(out, ("x",))
+
+
+def test_open_arrays_rejects_truncated_and_garbage_files(pixel_cache, tmp_path):
+    out, _, attrs = pixel_cache
+    truncated = tmp_path / "truncated.h5"
+    data = out.read_bytes()
+    truncated.write_bytes(data[: len(data) // 3])
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    empty = tmp_path / "empty.h5"
+    empty.write_bytes(b"")
+    for bad in (truncated, garbage, empty, tmp_path / "absent.h5"):
+        with pytest.raises(CorruptArtifactError) as info:
+            load_pixel_split(bad, attrs)
+        assert str(bad) in str(info.value)
+
+
+def test_atomic_path_keeps_the_old_file_when_the_block_raises(tmp_path):
+    target = tmp_path / "out" / "result.json"
+    write_json_atomic(target, {"version": 1})
+    with pytest.raises(ValueError, match="boom"):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == target.parent and tmp != target
+            tmp.write_text("half-written")
+            raise ValueError("boom")
+    assert target.read_text() == '{\n  "version": 1\n}\n'
+    assert _leftovers(target.parent) == []
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]
+
+
+def test_parquet_tables_round_trip_and_detect_corruption(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "t.parquet"
+    frame = pd.DataFrame({"a": [1, 2, 3], "b": ["x", "y", "z"]})
+    write_table(path, frame, {"hash": "abc"})
+    pd.testing.assert_frame_equal(read_table(path, ["a", "b"]), frame)
+    with pytest.raises(CorruptArtifactError, match="missing columns"):
+        read_table(path, ["c"])
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(CorruptArtifactError, match="not a readable Parquet file"):
+        read_table(path)
+
+
+# --- feature caches --------------------------------------------------------------------------------------------------
+
+
+class TinyEncoder(nn.Module):
+    """Conv + global pooling: (N, 3, H, W) -> (N, 6); records the batch sizes it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.batches: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(int(x.shape[0]))
+        return self.conv(x).relu().mean(dim=(2, 3))
+
+
+def _feature_attrs(pixel_attrs: dict, **changes) -> dict:
+    attrs = {
+        "kind": "features",
+        **{k: pixel_attrs[k] for k in ("manifest_hash", "pixel_key", "domain", "split", "max_per_class")},
+        "backbone": "tiny",
+        "weights": "tiny.safetensors",
+        "weights_sha256": "0123456789abcdef",
+        "preprocessing": PRE.pixel_key,
+    }
+    attrs.update(changes)
+    return attrs
+
+
+def test_feature_extraction_streams_and_matches_a_direct_forward_pass(pixel_cache, tmp_path):
+    out, _, pixel_attrs = pixel_cache
+    encoder = TinyEncoder()
+    attrs = _feature_attrs(pixel_attrs)
+    features_path = tmp_path / "features" / "dom_train.h5"
+    seen = []
+    extract_features(encoder, out, features_path, PRE, attrs, batch_size=4, device="cpu", pixel_attrs=pixel_attrs,
+                     progress=seen.append)
+    # streamed in batches of at most 4 (after one 1-image probe for the feature dimension)
+    assert encoder.batches[1:] == [4, 4, 4, 2]
+    assert seen == [4, 4, 4, 2]
+    cache = load_features(features_path, attrs)
+    split = load_pixel_split(out, pixel_attrs)
+    with torch.no_grad():
+        direct = encoder.eval()(PRE.normalize(split.pixels))
+    assert cache["features"].dtype == torch.float32 and tuple(cache["features"].shape) == (14, 6)
+    torch.testing.assert_close(cache["features"], direct, rtol=1e-5, atol=1e-6)
+    assert torch.equal(cache["labels"], split.labels) and torch.equal(cache["row_ids"], split.row_ids)
+    assert _leftovers(features_path.parent) == []
+    with h5py.File(features_path, "r") as handle:
+        assert set(handle) == set(FEATURE_COLUMNS)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("manifest_hash", "ffffffffffffffff"), ("weights_sha256", "fedcba9876543210"), ("preprocessing", "224px_bilinear")],
+)
+def test_stale_feature_cache_is_refused(pixel_cache, tmp_path, key, value):
+    out, _, pixel_attrs = pixel_cache
+    attrs = _feature_attrs(pixel_attrs)
+    features_path = tmp_path / "f.h5"
+    extract_features(TinyEncoder(), out, features_path, PRE, attrs, batch_size=8, device="cpu")
+    load_features(features_path, attrs)  # the matching expectation is fine
+    with pytest.raises(StaleCacheError) as info:
+        load_features(features_path, {**attrs, key: value})
+    message = str(info.value)
+    assert str(features_path) in message and f"stale cache: {key}" in message
+    assert repr(value) in message and repr(attrs[key]) in message
+
+
+def test_expected_feature_attrs_of_the_stage_detect_a_new_backbone(pixel_cache, tmp_path):
+    from robustft.pipeline.stages import expected_feature_attrs
+
+    out, _, pixel_attrs = pixel_cache
+
+    class FakeBackbone:
+        def __init__(self, sha):
+            self.sha = sha
+
+        def identity(self):
+            return {"backbone": "tiny", "weights": "w", "weights_sha256": self.sha, "preprocessing": PRE.pixel_key}
+
+    meta = {"manifest_hash": pixel_attrs["manifest_hash"]}
+    attrs = {"kind": "features", **pixel_attrs, **FakeBackbone("aaaa").identity()}
+    features_path = tmp_path / "f.h5"
+    extract_features(TinyEncoder(), out, features_path, PRE, attrs, batch_size=8, device="cpu")
+    load_features(features_path, expected_feature_attrs(meta, FakeBackbone("aaaa")))
+    with pytest.raises(StaleCacheError, match="weights_sha256"):
+        load_features(features_path, expected_feature_attrs(meta, FakeBackbone("bbbb")))
+    with pytest.raises(StaleCacheError, match="manifest_hash"):
+        load_features(features_path, expected_feature_attrs({"manifest_hash": "other"}, FakeBackbone("aaaa")))
+
+
+def test_feature_extraction_refuses_a_stale_pixel_cache_and_writes_nothing(pixel_cache, tmp_path):
+    out, _, pixel_attrs = pixel_cache
+    features_path = tmp_path / "f.h5"
+    with pytest.raises(StaleCacheError, match="manifest_hash"):
+        extract_features(TinyEncoder(), out, features_path, PRE, _feature_attrs(pixel_attrs), device="cpu",
+                         pixel_attrs={**pixel_attrs, "manifest_hash": "other"})
+    assert list(tmp_path.glob("*.h5")) == [] and _leftovers(tmp_path) == []
+
+
+def test_pixel_columns_constant():
+    assert PIXEL_COLUMNS == ("pixels", "labels", "row_ids")

@@ -1,0 +1,312 @@
+"""Config validation: defaults, one-line errors naming the key and what is allowed, strict YAML, Snakemake parse."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from robustft.config import ConfigError, load_schema, load_yaml_strict, validate_config
+
+REPO = Path(__file__).resolve().parent.parent
+EMBEDDED = REPO / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def embedded() -> dict:
+    return load_yaml_strict(EMBEDDED)
+
+
+def _error(config: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_config(config)
+    message = str(info.value)
+    assert "\n" not in message, f"error message is not one line: {message!r}"
+    assert message.strip() == message and message
+    return message
+
+
+def _modified(base: dict, edit) -> dict:
+    config = copy.deepcopy(base)
+    edit(config)
+    return config
+
+
+# --- the embedded config and defaults ----------------------------------------------------------------------------
+
+
+def test_embedded_config_validates_and_gets_defaults(embedded):
+    config = validate_config(embedded)
+    schema = load_schema()
+    # Values given in config.yaml are kept ...
+    assert config["dataset"]["name"] == "pacs"
+    assert config["backbone"]["image_size"] == 128
+    assert config["dataset"]["max_per_class"] == {"train": 40, "val": 10, "test": 25}
+    # ... and every missing key gets the schema's default, recursively.
+    assert config["dataset"]["on_bad_image"] == "error"
+    assert config["dataset"]["workers"] == 2
+    assert config["reference"]["l2_grid"] == schema["properties"]["reference"]["properties"]["l2_grid"]["default"]
+    assert config["training"]["select"] == "best_val"
+    assert config["protocol"] == {"kind": "full", "k": 16, "absent_classes": []}
+    assert config["calibration"]["gamma_source"] == "val"
+    assert config["eval"]["bootstrap"] == 1000
+    assert config["report"]["title"] == "robustft report"
+    # The input is not modified in place.
+    assert "reference" not in embedded
+
+
+def test_empty_config_gets_all_defaults():
+    config = validate_config({})
+    assert config["dataset"]["id_domain"] == "photo"
+    assert config["dataset"]["split"] == {"val_fraction": 0.15, "test_fraction": 0.25, "seed": 0}
+    assert config["methods"] == {"zeroshot": {"default": {}}}
+    assert config["seeds"] == [0]
+    assert config["sweep"]["alphas"][0] == 0.0 and config["sweep"]["alphas"][-1] == 1.0
+
+
+def test_every_schema_property_has_a_default_and_description():
+    def walk(node, where):
+        for key, sub in node.get("properties", {}).items():
+            assert "default" in sub, f"{where}{key} has no default"
+            assert "description" in sub, f"{where}{key} has no description"
+            walk(sub, f"{where}{key}.")
+
+    walk(load_schema(), "")
+
+
+# --- one-line errors -------------------------------------------------------------------------------------------------
+
+
+def test_unknown_top_level_key_suggests_the_closest(embedded):
+    message = _error({**embedded, "datset": {"name": "pacs"}})
+    assert message.startswith("datset: unknown key")
+    assert "did you mean 'dataset'?" in message
+    assert "allowed:" in message and "training" in message and "sweep" in message
+
+
+def test_unknown_nested_key(embedded):
+    message = _error(_modified(embedded, lambda c: c["training"].update(learning_rate=1e-4)))
+    assert message.startswith("training.learning_rate: unknown key")
+    assert "allowed:" in message and "lr" in message and "weight_decay" in message
+
+    message = _error(_modified(embedded, lambda c: c["dataset"]["split"].update(sed=1)))
+    assert message.startswith("dataset.split.sed: unknown key")
+    assert "did you mean 'seed'?" in message
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "expected"),
+    [
+        (lambda c: c["training"].update(epochs="ten"), "training.epochs", "integer"),
+        (lambda c: c["training"].update(lr="fast"), "training.lr", "number"),
+        (lambda c: c.update(seeds=0), "seeds", "array"),
+        (lambda c: c.update(dataset=None), "dataset", "object"),
+        (lambda c: c["dataset"].update(fetch="yes"), "dataset.fetch", "boolean"),
+    ],
+)
+def test_wrong_type(embedded, edit, key, expected):
+    message = _error(_modified(embedded, edit))
+    assert message.startswith(f"{key}: ")
+    assert "wrong type" in message and f"expected {expected}" in message
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "allowed"),
+    [
+        (lambda c: c["sweep"].update(alphas=[0.0, 0.5, 1.5]), "sweep.alphas.2", ">= 0 and <= 1"),
+        (lambda c: c["sweep"].update(alphas=[-0.1, 1.0]), "sweep.alphas.0", ">= 0 and <= 1"),
+        (lambda c: c["training"].update(lr=0), "training.lr", "> 0"),
+        (lambda c: c["training"].update(lr=-1e-4), "training.lr", "> 0"),
+        (lambda c: c["training"].update(weight_decay=-0.1), "training.weight_decay", ">= 0"),
+        (lambda c: c["training"].update(epochs=0), "training.epochs", ">= 1"),
+        (lambda c: c["dataset"]["split"].update(val_fraction=1.0), "dataset.split.val_fraction", ">= 0 and < 1"),
+        (lambda c: c["dataset"]["max_per_class"].update(train=0), "dataset.max_per_class.train", ">= 1"),
+    ],
+)
+def test_out_of_range(embedded, edit, key, allowed):
+    message = _error(_modified(embedded, edit))
+    assert message.startswith(f"{key}: ")
+    assert "out of range" in message and f"(allowed: {allowed})" in message
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "allowed"),
+    [
+        # variant overrides of training keys are checked against the training schema too
+        (lambda c: c["methods"]["full_ft"].update(bad={"lr": -1.0}), "methods.full_ft.bad.lr", "> 0"),
+        (lambda c: c["methods"]["full_ft"].update(bad={"weight_decay": -0.5}), "methods.full_ft.bad.weight_decay", ">= 0"),
+        (lambda c: c["methods"]["lp_ft"].update(default={"epochs": 0}), "methods.lp_ft.default.epochs", ">= 1"),
+        (lambda c: c["methods"]["full_ft"].update(bad={"protocol": {"kind": "kshot", "k": 0}}), "methods.full_ft.bad.protocol.k", ">= 1"),
+    ],
+)
+def test_out_of_range_in_variant_overrides(embedded, edit, key, allowed):
+    message = _error(_modified(embedded, edit))
+    assert message.startswith(f"{key}: ")
+    assert f"(allowed: {allowed})" in message
+
+
+def test_unknown_method_names_it_and_the_allowed_ones(embedded):
+    message = _error(_modified(embedded, lambda c: c["methods"].update(fullft={"default": {}})))
+    assert message.startswith("methods")
+    assert "'fullft'" in message and "did you mean 'full_ft'?" in message
+    for name in ("zeroshot", "full_ft", "lp_ft", "flyp"):
+        assert name in message
+
+
+def test_unknown_backbone(embedded):
+    message = _error(_modified(embedded, lambda c: c["backbone"].update(name="resnet50")))
+    assert message.startswith("backbone.name: 'resnet50' is not allowed")
+    assert "(allowed: efficientnet_lite0, open_clip)" in message
+
+
+def test_unknown_dataset_suggests_the_closest(embedded):
+    message = _error(_modified(embedded, lambda c: c["dataset"].update(name="pacss")))
+    assert message.startswith("dataset.name: 'pacss' is not allowed; did you mean 'pacs'?")
+    assert "pacs, imagefolder, imagenet, domainnet" in message
+
+
+def test_unknown_enum_value_in_variant_override(embedded):
+    message = _error(_modified(embedded, lambda c: c["methods"]["full_ft"].update(bad={"protocol": {"kind": "fewshot"}})))
+    assert message.startswith("methods.full_ft.bad.protocol.kind: 'fewshot' is not allowed")
+    assert "full, kshot, class_subset" in message
+    message = _error(_modified(embedded, lambda c: c["methods"]["full_ft"].update(bad={"protocol": {"knd": "full"}})))
+    assert message.startswith("methods.full_ft.bad.protocol.knd: unknown key; did you mean 'kind'?")
+
+
+def test_ood_domain_equal_to_id_domain(embedded):
+    message = _error(_modified(embedded, lambda c: c["dataset"].update(ood_domains=["photo", "sketch"])))
+    assert message.startswith("dataset.ood_domains: ")
+    assert "'photo'" in message and "dataset.id_domain" in message
+
+
+def test_duplicate_ood_domains(embedded):
+    message = _error(_modified(embedded, lambda c: c["dataset"].update(ood_domains=["sketch", "sketch"])))
+    assert message.startswith("dataset.ood_domains: values must be unique")
+
+
+def test_split_fractions_must_leave_training_images(embedded):
+    message = _error(_modified(embedded, lambda c: c["dataset"]["split"].update(val_fraction=0.5, test_fraction=0.5)))
+    assert message.startswith("dataset.split: ")
+    assert "val_fraction + test_fraction" in message and "< 1" in message
+
+
+@pytest.mark.parametrize("protocol", [{"kind": "class_subset"}, {"kind": "class_subset", "absent_classes": []}])
+def test_class_subset_without_absent_classes(embedded, protocol):
+    message = _error(_modified(embedded, lambda c: c["methods"]["full_ft"].update(absent3={"protocol": protocol})))
+    assert message.startswith("methods.full_ft.absent3.protocol.absent_classes: ")
+    assert "at least one absent class" in message
+
+
+def test_class_subset_from_the_shared_protocol_without_absent_classes():
+    message = _error({"protocol": {"kind": "class_subset"}, "methods": {"full_ft": {"default": {}}}})
+    assert message.startswith("methods.full_ft.default.protocol.absent_classes: ")
+
+
+def test_flyp_needs_open_clip(embedded):
+    message = _error(_modified(embedded, lambda c: c["methods"].update(flyp={"default": {}})))
+    assert message.startswith("methods.flyp.default: flyp needs an open_clip backbone")
+
+
+def test_empty_method_and_seeds(embedded):
+    assert _error(_modified(embedded, lambda c: c["methods"].update(full_ft={}))) == "methods.full_ft: must not be empty"
+    assert _error(_modified(embedded, lambda c: c.update(seeds=[]))) == "seeds: must not be empty"
+
+
+# --- strict YAML -----------------------------------------------------------------------------------------------------
+
+
+def test_duplicate_variant_names_in_yaml(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(
+        "methods:\n"
+        "  full_ft:\n"
+        "    default: {}\n"
+        "    strong: {lr: 1.0e-3}\n"
+        "    strong: {lr: 1.0e-2}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_yaml_strict(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message and "duplicate key 'strong'" in message and "line 5" in message
+
+
+def test_duplicate_top_level_key_in_yaml(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("seeds: [0]\ntraining: {lr: 1.0}\nseeds: [1]\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'seeds' at line 3"):
+        load_yaml_strict(path)
+
+
+def test_strict_yaml_loads_the_same_as_safe_load():
+    import yaml
+
+    assert load_yaml_strict(EMBEDDED) == yaml.safe_load(EMBEDDED.read_text())
+
+
+# --- Snakemake parse-time validation ---------------------------------------------------------------------------------
+
+WORKFLOW_PARTS = ("Snakefile", "rules", "workflow_scripts", "config", "config.yaml", "envs", "profiles")
+
+
+@pytest.fixture
+def workflow_copy(tmp_path) -> Path:
+    """A copy of the workflow (code and config only: no results/) to run Snakemake in."""
+    dest = tmp_path / "wf"
+    dest.mkdir()
+    for part in WORKFLOW_PARTS:
+        source = REPO / part
+        if source.is_dir():
+            shutil.copytree(source, dest / part, ignore=shutil.ignore_patterns("__pycache__"))
+        elif source.is_file():
+            shutil.copy2(source, dest / part)
+    assert not (dest / "results").exists()
+    return dest
+
+
+def _snakemake_dry_run(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    snakemake = Path(sys.executable).with_name("snakemake")
+    command = [str(snakemake), "-n", "--cores", "1", "--workflow-profile", "none", "--directory", str(workdir), *args]
+    return subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=120)
+
+
+def _config_error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (result.stdout + result.stderr).splitlines() if "config error:" in line]
+
+
+@pytest.mark.pipeline
+def test_snakemake_bad_config_fails_at_parse_time(workflow_copy):
+    result = _snakemake_dry_run(workflow_copy, "--config", "datset=1")
+    assert result.returncode != 0
+    lines = _config_error_lines(result)
+    assert len(lines) == 1, result.stdout + result.stderr
+    assert "config error: datset: unknown key; did you mean 'dataset'?" in lines[0]
+    assert not (workflow_copy / "results").exists()
+
+
+@pytest.mark.pipeline
+def test_snakemake_bad_configfile_fails_at_parse_time(workflow_copy):
+    bad = workflow_copy / "bad.yaml"
+    bad.write_text("training:\n  lr: -0.001\n")
+    result = _snakemake_dry_run(workflow_copy, "--configfile", str(bad))
+    assert result.returncode != 0
+    lines = _config_error_lines(result)
+    assert len(lines) == 1, result.stdout + result.stderr
+    assert "config error: training.lr: -0.001 is out of range (allowed: > 0)" in lines[0]
+    assert not (workflow_copy / "results").exists()
+
+
+@pytest.mark.pipeline
+def test_snakemake_configfile_with_duplicate_keys_fails(workflow_copy):
+    bad = workflow_copy / "dup.yaml"
+    bad.write_text("methods:\n  full_ft:\n    default: {}\n    default: {lr: 1.0}\n")
+    result = _snakemake_dry_run(workflow_copy, "--configfile", str(bad))
+    assert result.returncode != 0
+    lines = _config_error_lines(result)
+    assert len(lines) == 1, result.stdout + result.stderr
+    assert "duplicate key 'default'" in lines[0] and "dup.yaml" in lines[0]
+    assert not (workflow_copy / "results").exists()

@@ -1,0 +1,298 @@
+"""The shared trainer: schedule, NaN guard, resume after a kill, checkpoints, determinism, run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from robustft.backbones.base import Backbone, Preprocessing
+from robustft.data.pixels import PixelSplit
+from robustft.methods import METHODS, get_method
+from robustft.methods.base import resolve_hyperparameters
+from robustft.methods.full_ft import FullFineTuning
+from robustft.methods.l2sp import L2SP
+from robustft.training.checkpoint import (
+    load_resume_checkpoint,
+    load_safetensors,
+    rng_state,
+    save_resume_checkpoint,
+    save_safetensors,
+    set_rng_state,
+)
+from robustft.training.run import finetune_run, load_run_state, read_train_log
+from robustft.training.schedule import warmup_cosine_factor
+
+CLASSES = ["dog", "cat", "bird"]
+TRAINING = {"epochs": 3, "batch_size": 8, "lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 1, "grad_clip": 1.0}
+
+
+# ----------------------------------------------------------------------------------------------- tiny fixtures
+class TinyEncoder(nn.Module):
+    """conv3x3 -> BatchNorm -> ReLU -> conv1x1 -> ReLU -> global mean: (N, 3, 8, 8) -> (N, 12)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.point = nn.Conv2d(8, 12, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.point(torch.relu(self.bn(self.conv(x))))).mean(dim=(2, 3))
+
+
+class TinyBackbone(Backbone):
+    def __init__(self) -> None:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self._state = TinyEncoder().state_dict()
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(8, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+    @property
+    def feature_dim(self) -> int:
+        return 12
+
+    def build_encoder(self) -> nn.Module:
+        encoder = TinyEncoder()
+        encoder.load_state_dict(self._state)
+        return encoder
+
+    def identity(self) -> dict:
+        return {"backbone": "tiny"}
+
+
+def tiny_data(per_class: int = 8, seed: int = 0) -> PixelSplit:
+    """Images whose mean colour depends on the class, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
+    base = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=torch.float32)[labels]
+    noise = torch.randint(-40, 40, (len(labels), 8, 8, 3), generator=g).float()
+    pixels = (base[:, None, None, :] + noise).clamp(0, 255).to(torch.uint8)
+    return PixelSplit(pixels, labels, torch.arange(len(labels)))
+
+
+def features_of(backbone: Backbone, split: PixelSplit) -> torch.Tensor:
+    encoder = backbone.build_encoder().eval()
+    with torch.no_grad():
+        return encoder(backbone.preprocessing.normalize(split.pixels))
+
+
+def reference_head(seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"head.weight": 0.1 * torch.randn(len(CLASSES), 12, generator=g), "head.bias": torch.zeros(len(CLASSES))}
+
+
+def reference_state(backbone: Backbone) -> dict[str, torch.Tensor]:
+    from robustft.training.run import build_reference_model
+
+    return build_reference_model(backbone, reference_head(), len(CLASSES)).state_dict()
+
+
+def run(method: str, run_dir, hparams: dict | None = None, training: dict | None = None, seed: int = 0,
+        backbone: Backbone | None = None, **kwargs) -> dict:
+    backbone = backbone or TinyBackbone()
+    train, val = tiny_data(8, seed=0), tiny_data(4, seed=1)
+    return finetune_run(
+        backbone_spec=backbone, method=method, hparams=hparams or {}, seed=seed, class_names=CLASSES,
+        prompt_names=CLASSES, train=train, val=val, train_features=features_of(TinyBackbone(), train),
+        val_features=features_of(TinyBackbone(), val), reference_head=reference_head(), run_dir=run_dir,
+        device="cpu", progress=False, training={**TRAINING, **(training or {})}, **kwargs,
+    )
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def comparable_log(run_dir) -> pd.DataFrame:
+    return read_train_log(run_dir).drop(columns=["samples_per_s"])
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+def test_warmup_cosine_schedule_shape():
+    warmup, total = 4, 20
+    factors = [warmup_cosine_factor(s, warmup, total) for s in range(total)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warm-up, (step + 1) / warmup
+    assert factors[4] == 1.0
+    decay = factors[4:]
+    assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly decreasing cosine
+    assert decay[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert warmup_cosine_factor(8 + 4, 4, 20) == pytest.approx(0.5)  # half-way through the decay
+    assert warmup_cosine_factor(3, 10, 5) == 0.4  # warm-up longer than the run: wise-ft keeps warming up
+
+
+class NanAtThirdStep(FullFineTuning):
+    name = "nan_at_third_step"
+
+    def loss(self, model, batch, ctx):
+        terms = super().loss(model, batch, ctx)
+        if ctx.step == 2:
+            terms["ce"] = terms["ce"] * float("nan")
+        return terms
+
+
+def test_nan_loss_stops_with_the_step_and_term(tmp_path, monkeypatch):
+    monkeypatch.setitem(METHODS, NanAtThirdStep.name, NanAtThirdStep)
+    with pytest.raises(FloatingPointError, match=r"step 3 .*'ce'"):
+        run(NanAtThirdStep.name, tmp_path / "run")
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "method, hparams",
+    [("full_ft", {"augment": "flip", "checkpoint_every": 2}), ("lora", {"lora_dropout": 0.5, "checkpoint_every": 2})],
+)
+def test_resume_after_kill_is_bit_identical(tmp_path, method, hparams):
+    reference = run(method, tmp_path / "whole", hparams)
+    assert reference["steps"] == 9  # 3 epochs x 3 batches of 8
+
+    def kill_after_step_5(step: int) -> None:
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(method, tmp_path / "cut", hparams, on_step_end=kill_after_step_5)
+    assert (tmp_path / "cut.resume" / "resume.pt").is_file()
+    assert not (tmp_path / "cut" / "run.json").exists()
+    resumed = run(method, tmp_path / "cut", hparams)
+    assert resumed["resumed_at_step"] == 4  # the last checkpoint before the kill (every 2 steps)
+    assert not (tmp_path / "cut.resume").exists()  # removed once the run is complete
+
+    file = get_method(method).checkpoint_file
+    assert_same_state(load_safetensors(tmp_path / "whole" / file), load_safetensors(tmp_path / "cut" / file))
+    pd.testing.assert_frame_equal(comparable_log(tmp_path / "whole"), comparable_log(tmp_path / "cut"))
+    for key in ("best_epoch", "best_val_accuracy", "last_val_accuracy", "steps"):
+        assert resumed[key] == reference[key], key
+
+
+def test_same_seed_is_deterministic_and_seed_matters(tmp_path):
+    a = run("full_ft", tmp_path / "a", {"augment": "flip"})
+    b = run("full_ft", tmp_path / "b", {"augment": "flip"})
+    c = run("full_ft", tmp_path / "c", {"augment": "flip"}, seed=1)
+    assert_same_state(load_safetensors(tmp_path / "a/model.safetensors"), load_safetensors(tmp_path / "b/model.safetensors"))
+    pd.testing.assert_frame_equal(comparable_log(tmp_path / "a"), comparable_log(tmp_path / "b"))
+    assert a["best_val_accuracy"] == b["best_val_accuracy"]
+    state_a, state_c = load_safetensors(tmp_path / "a/model.safetensors"), load_safetensors(tmp_path / "c/model.safetensors")
+    assert not torch.equal(state_a["head.weight"], state_c["head.weight"])
+    assert c["seed"] == 1
+
+
+def test_run_directory_log_and_record(tmp_path):
+    record = run("full_ft", tmp_path / "run", variant="demo")
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert files == ["model.safetensors", "run.json", "train_log.parquet"]
+    on_disk = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert on_disk["method"] == "full_ft" and on_disk["variant"] == "demo" and on_disk["seed"] == 0
+    assert on_disk["hyperparameters"]["lr"] == TRAINING["lr"]
+    assert on_disk["protocol"] == {"kind": "full", "absent_classes": [], "n_train": 24}
+    assert on_disk["trainable_parameters"] == on_disk["total_parameters"] == record["total_parameters"]
+    assert on_disk["checkpoint"]["size_bytes"] == (tmp_path / "run" / "model.safetensors").stat().st_size
+    assert set(on_disk["versions"]) >= {"torch", "open_clip", "peft", "python"}
+    assert on_disk["best_epoch"] in (0, 1, 2) and on_disk["wall_time_s"] > 0
+
+    log = read_train_log(tmp_path / "run")
+    assert list(log["step"]) == list(range(1, 10))
+    assert {"epoch", "lr", "loss_ce", "loss", "grad_norm", "samples_per_s", "val_accuracy"} <= set(log.columns)
+    assert log["val_accuracy"].notna().sum() == 3  # one per epoch, on its last step
+    assert log["lr"].iloc[0] == pytest.approx(TRAINING["lr"])  # warm-up of 1 step
+    best = log.loc[log["val_accuracy"].notna(), "val_accuracy"]
+    assert on_disk["best_val_accuracy"] == best.max()
+    assert on_disk["best_epoch"] == int(log.loc[best.idxmax(), "epoch"])
+
+    reference = reference_state(TinyBackbone())
+    assert load_run_state(tmp_path / "run", reference).keys() == reference.keys()
+
+
+def test_select_last_keeps_the_final_weights(tmp_path):
+    record = run("full_ft", tmp_path / "run", {"select": "last"})
+    assert record["best_epoch"] == TRAINING["epochs"] - 1
+
+
+def test_resume_checkpoint_and_rng_round_trip(tmp_path):
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    saved = rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "ckpt" / "resume.pt"
+    save_resume_checkpoint(path, {"fingerprint": "abc", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "rng": saved, "log": [{"step": 1, "loss": 0.5}]})
+    loaded = load_resume_checkpoint(path, "abc")
+    assert_same_state(loaded["model"], model.state_dict())
+    fresh = torch.optim.AdamW(nn.Linear(3, 2).parameters())
+    fresh.load_state_dict(loaded["optimizer"])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    set_rng_state(loaded["rng"])
+    again = (random.random(), np.random.rand(), torch.rand(2))
+    assert again[0] == expected[0] and again[1] == expected[1] and torch.equal(again[2], expected[2])
+    assert loaded["log"] == [{"step": 1, "loss": 0.5}]
+    with pytest.warns(UserWarning, match="another configuration"):
+        assert load_resume_checkpoint(path, "other") is None
+    assert load_resume_checkpoint(tmp_path / "missing.pt", "abc") is None
+
+    tensors = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(2)[:1]}
+    size = save_safetensors(tmp_path / "t.safetensors", tensors, {"k": "v"})
+    assert size == (tmp_path / "t.safetensors").stat().st_size
+    assert_same_state(load_safetensors(tmp_path / "t.safetensors"), tensors)
+
+
+def test_hyperparameter_resolution_and_unknown_keys():
+    hp = resolve_hyperparameters(L2SP, {"lr": 0.5, "weight_decay": 0.1}, {"encoder_strength": 2.0})
+    assert hp.lr == 0.5  # training block over trainer defaults
+    assert hp.weight_decay == 0.0  # L2-SP's own default wins over the training block
+    assert hp.encoder_strength == 2.0 and hp.head_strength == 0.01  # variant override, paper default
+    assert resolve_hyperparameters(L2SP, {"weight_decay": 0.1}, {"weight_decay": 0.3}).weight_decay == 0.3
+    assert resolve_hyperparameters(FullFineTuning, {"weight_decay": 0.2}, {}).weight_decay == 0.2
+    with pytest.raises(ValueError, match=r"'encoder_strenght'.*allowed:.*encoder_strength"):
+        resolve_hyperparameters(L2SP, {}, {"encoder_strenght": 1.0})
+    with pytest.raises(ValueError, match=r"training: unknown hyperparameter 'kd_weight'"):
+        resolve_hyperparameters(FullFineTuning, {"kd_weight": 0.5}, {})
+    with pytest.raises(ValueError, match="augment"):
+        resolve_hyperparameters(FullFineTuning, {}, {"augment": "crop"})
+    with pytest.raises(ValueError, match=r"unknown method 'sgd'; allowed: \[.*'full_ft'"):
+        get_method("sgd")
+    for name, cls in METHODS.items():
+        assert cls.name == name
+
+
+def test_unknown_hyperparameter_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="'rnak'.*allowed"):
+        run("lora", tmp_path / "run", {"rnak": 4})
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("config_file", ["config.yaml", *sorted(p.name for p in (
+    __import__("pathlib").Path(__file__).resolve().parent.parent / "config" / "presets").glob("*.yaml"))])
+def test_every_configured_variant_resolves(config_file):
+    import pathlib
+
+    import yaml
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    path = root / config_file if config_file == "config.yaml" else root / "config" / "presets" / config_file
+    config = yaml.safe_load(path.read_text())
+    training = {k: v for k, v in (config.get("training") or {}).items() if k != "device"}
+    if "protocol" in config:
+        training["protocol"] = config["protocol"]
+    for method, variants in config["methods"].items():
+        for variant, overrides in variants.items():
+            hp = resolve_hyperparameters(get_method(method), training, overrides)
+            for key, value in overrides.items():
+                assert getattr(hp, key) == value, (method, variant, key)
