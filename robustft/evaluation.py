@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
@@ -84,6 +85,15 @@ def sweep_logits(
     if not head_only:
         model.load_state_dict(dict(reference))  # buffers not in ``live`` stay consistent
     for alpha in alphas:
+        if alpha == 0.0 and not head_only and all(s.features is not None for s in splits):
+            # theta(0) is the reference model: pre-trained encoder + reference head, i.e. the head on cached features.
+            reference_head = copy.deepcopy(model.head)
+            reference_head.load_state_dict({"weight": reference["head.weight"], "bias": reference["head.bias"]})
+            for split in splits:
+                with torch.inference_mode():
+                    logits = reference_head(split.features.to(device)).float().cpu().numpy()
+                yield float(alpha), split, logits
+            continue
         if fisher is None:
             interpolate_into(live, ref, fin, float(alpha))
         else:

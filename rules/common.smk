@@ -68,6 +68,8 @@ wildcard_constraints:
     split="train|val|test",
     method="|".join(config["methods"]),
     seed=r"\d+",
+    fold=r"\d+",
+    variant=r"[A-Za-z0-9][A-Za-z0-9_-]*",
 
 
 def code_version(*parts):
@@ -134,3 +136,16 @@ def eval_pixel_paths(wildcards=None):
 
 def eval_feature_paths(wildcards=None):
     return {f"{d}_{s}": feature_path(d, s) for d, s in EVAL_SPLITS}
+
+
+def is_class_subset(method, variant):
+    protocol = {**config["protocol"], **config["methods"][method][variant].get("protocol", {})}
+    return protocol["kind"] == "class_subset"
+
+
+def pcv_inputs(wildcards):
+    """The PCV fold logits a class-subset run's calibration needs (none for other protocols)."""
+    if not is_class_subset(wildcards.method, wildcards.variant):
+        return {}
+    folds = range(config["calibration"]["pcv_folds"])
+    return {"pcv": [f"results/runs/{wildcards.method}/{wildcards.variant}/seed{wildcards.seed}/pcv/fold{k}/val_logits.h5" for k in folds]}

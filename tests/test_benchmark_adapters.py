@@ -370,8 +370,7 @@ def test_preset_validates(name):
     for method, variants in config["methods"].items():  # hyperparameter names the methods know
         for variant in variants:
             resolved = resolved_variant(config, method, variant)
-            training = {k: v for k, v in resolved["training"].items() if k != "device"}
-            resolve_hyperparameters(get_method(method), training, {**resolved["hparams"], "protocol": resolved["protocol"]})
+            resolve_hyperparameters(get_method(method), resolved["training"], resolved["overrides"])
     if name in ("imagenet_vitb32", "imagenet_vitb16"):
         assert sorted(dataset["ood_domains"]) == sorted(IMAGENET_DOMAINS[1:])
         assert config["backbone"]["pretrained"] == "openai"

@@ -17,7 +17,7 @@ from robustft.methods import get_method
 from robustft.methods.base import resolve_hyperparameters
 from robustft.methods.ewc import EWC
 from robustft.methods.lora import lora_delta
-from robustft.models import ClassificationHead, ImageClassifier
+from robustft.models import ImageClassifier
 from robustft.training.protocols import select_class_subset, select_kshot, select_protocol
 from robustft.training.run import build_reference_model, finetune_run, load_run_state, seeded_and_deterministic
 from robustft.training.trainer import Split, TrainContext, train
@@ -388,3 +388,25 @@ def test_class_subset_selection_and_run_record(tmp_path):
     assert state["head.weight"].shape[0] == 3  # the head keeps every class
     on_disk = json.loads((tmp_path / "run" / "run.json").read_text())
     assert on_disk["protocol"]["absent_classes"] == ["cat"]
+
+
+def test_saft_top_fraction_masks_pick_the_global_largest_scores():
+    from robustft.methods.saft import top_fraction_masks
+
+    scores = {"a": torch.tensor([[0.1, 0.9], [0.3, 0.2]]), "b": torch.tensor([0.8, 0.05, 0.7, 0.0])}
+    masks = top_fraction_masks(scores, 0.25)  # 8 entries -> 2 largest: 0.9 (a) and 0.8 (b)
+    assert masks["a"].tolist() == [[False, True], [False, False]]
+    assert masks["b"].tolist() == [True, False, False, False]
+    assert int(top_fraction_masks(scores, 1e-6)["a"].sum()) == 1  # at least one entry
+
+
+def test_flyp_contrastive_loss_matches_open_clip():
+    from open_clip.loss import ClipLoss
+
+    from robustft.methods.flyp import clip_contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    image = nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    text = nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    scale = torch.tensor(20.0)
+    assert torch.allclose(clip_contrastive_loss(image, text, scale), ClipLoss()(image, text, scale), atol=1e-6)

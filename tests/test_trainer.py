@@ -193,11 +193,12 @@ def test_same_seed_is_deterministic_and_seed_matters(tmp_path):
 
 
 def test_run_directory_log_and_record(tmp_path):
-    record = run("full_ft", tmp_path / "run", variant="demo")
+    record = run("full_ft", tmp_path / "run", variant="demo", extra_record={"pipeline_commit": "abc"})
     files = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert files == ["model.safetensors", "run.json", "train_log.parquet"]
     on_disk = json.loads((tmp_path / "run" / "run.json").read_text())
     assert on_disk["method"] == "full_ft" and on_disk["variant"] == "demo" and on_disk["seed"] == 0
+    assert on_disk["pipeline_commit"] == "abc"
     assert on_disk["hyperparameters"]["lr"] == TRAINING["lr"]
     assert on_disk["protocol"] == {"kind": "full", "absent_classes": [], "n_train": 24}
     assert on_disk["trainable_parameters"] == on_disk["total_parameters"] == record["total_parameters"]
@@ -216,6 +217,11 @@ def test_run_directory_log_and_record(tmp_path):
 
     reference = reference_state(TinyBackbone())
     assert load_run_state(tmp_path / "run", reference).keys() == reference.keys()
+    from robustft.training.run import RUN_RECORD_KEYS
+
+    assert set(on_disk) == RUN_RECORD_KEYS | {"pipeline_commit"}
+    with pytest.raises(ValueError, match=r"extra_record may not replace run.json keys \['seed'\]"):
+        run("full_ft", tmp_path / "other", extra_record={"seed": 3})
 
 
 def test_select_last_keeps_the_final_weights(tmp_path):

@@ -59,7 +59,11 @@ class EfficientNetLite0(Backbone):
         net = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
         state = load_weights_file(self.weights_path)
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = net.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches
+            detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+            raise WeightsError(f"{self.weights_path}: not an EfficientNet-Lite0 checkpoint ({detail})") from None
         missing = [k for k in missing if not k.startswith("_fc.")]
         if missing or unexpected:
             raise WeightsError(

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

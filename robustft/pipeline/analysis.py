@@ -25,7 +25,6 @@ from robustft.data.adapters import get_adapter
 from robustft.data.pixels import load_pixel_split
 from robustft.evaluation import EvalSplit, build_classifier, encoder_unchanged, sweep_logits
 from robustft.features import load_features, resolve_device
-from robustft.io.arrays import load_arrays
 from robustft.io.atomic import atomic_path
 from robustft.io.tables import read_table, write_table
 from robustft.metrics import bootstrap_ci, group_accuracies
@@ -217,7 +216,10 @@ def _pcv_gamma(fold_paths: Sequence[str], alpha_index: int, absent_mask: np.ndar
     """PCV γ at one alpha from the pseudo-absent fold models' ID-validation logits."""
     logits, labels, masks, floors = [], [], [], []
     for path in fold_paths:
-        arrays = load_arrays(path, ("logits", "labels", "pseudo_absent"))
+        with h5py.File(path, "r") as handle:
+            if not handle.attrs.get("complete"):
+                raise RuntimeError(f"{path}: incomplete PCV logits file")
+            arrays = {k: handle[k][...] for k in ("logits", "labels", "pseudo_absent")}
         fold_mask = arrays["pseudo_absent"].astype(bool) | absent_mask
         keep = ~absent_mask[arrays["labels"]]  # truly absent classes have no ID training data to validate on
         fold_logits = arrays["logits"][alpha_index][keep]
@@ -299,3 +301,35 @@ def _selected_alpha(summary: pd.DataFrame, id_domain: str) -> pd.Series:
             [["method", "variant", "seed", "interpolation", "calibration", "alpha"]].assign(_best=True))
     merged = summary.merge(best, on=["method", "variant", "seed", "interpolation", "calibration", "alpha"], how="left")
     return merged["_best"].fillna(False).astype(bool).to_numpy()
+
+
+def pcv_logits_stage(
+    manifest: str, backbone_spec: dict, run_json: str, parent_run_json: str, reference_head: str, val_pixels: str,
+    val_features: str, alphas: Sequence[float], batch_size: int, device: str, out: str,
+) -> None:
+    """A PCV fold model's ID-validation logits at every alpha, with its pseudo-absent class mask."""
+    from robustft.training.run import load_run_state
+
+    _, meta = read_manifest(manifest)
+    class_names = meta["class_names"]
+    backbone = build_backbone(backbone_spec)
+    model = build_classifier(backbone, len(class_names))
+    ref = reference_state(model, reference_head)
+    finetuned = load_run_state(Path(run_json).parent, ref)
+    fold_absent = set(json.loads(Path(run_json).read_text()).get("absent_classes") or [])
+    true_absent = set(json.loads(Path(parent_run_json).read_text()).get("absent_classes") or [])
+    pseudo = np.array([c in fold_absent and c not in true_absent for c in class_names])
+    feats = load_features(val_features, expected_feature_attrs(meta, backbone))
+    head_only = encoder_unchanged(ref, finetuned)
+    pixels = None if head_only else load_pixel_split(val_pixels)
+    split = EvalSplit("val", "", "val", feats["labels"].numpy(), pixels, feats["features"])
+    alphas = [float(a) for a in alphas]
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as handle:
+        handle["labels"] = split.labels
+        handle["pseudo_absent"] = pseudo
+        stack = handle.create_dataset("logits", shape=(len(alphas), len(split.labels), len(class_names)), dtype=np.float32)
+        for alpha, _, logits in sweep_logits(model, ref, finetuned, alphas, [split], backbone.preprocessing,
+                                             resolve_device(device), batch_size):
+            stack[alphas.index(alpha)] = logits
+        handle.attrs["alphas"] = np.asarray(alphas)
+        handle.attrs["complete"] = True

@@ -57,3 +57,30 @@ def finetune_stage(
     log.info("run %s/%s/seed%s: best val accuracy %s, %.1f s", method, variant, seed,
              record.get("best_val_accuracy"), record["wall_time_s"])
     return record
+
+
+def pcv_fold_classes(class_names: list[str], absent: list[str], n_folds: int, fraction: float, seed: int, fold: int) -> list[str]:
+    """The fine-tuning classes made pseudo-absent in PCV fold ``fold`` (seeded by the run's seed)."""
+    from robustft.calibration import pseudo_absent_folds
+
+    seen = [i for i, name in enumerate(class_names) if name not in set(absent)]
+    folds = pseudo_absent_folds(seen, n_folds, fraction, seed)
+    return [class_names[i] for i in folds[fold]]
+
+
+def pcv_finetune_stage(
+    manifest: str, backbone_spec: dict, method: str, variant: str, seed: int, settings: str, fold: int,
+    n_folds: int, fraction: float, train_pixels: str, val_pixels: str, train_features: str, val_features: str,
+    reference_head: str, run_json: str, device: str,
+) -> dict:
+    """A PCV fold model: the run's method and settings, fine-tuned without some of its own classes as well."""
+    _, meta = read_manifest(manifest)
+    resolved = json.loads(settings)
+    protocol = resolved["overrides"]["protocol"]
+    absent = list(protocol.get("absent_classes", []))
+    pseudo = pcv_fold_classes(meta["class_names"], absent, n_folds, fraction, int(seed), int(fold))
+    log.info("PCV fold %d: pseudo-absent classes %s (absent: %s)", fold, pseudo, absent)
+    fold_protocol = {"kind": "class_subset", "absent_classes": absent + pseudo}
+    return finetune_stage(manifest, backbone_spec, method, variant, seed, resolved, train_pixels, val_pixels,
+                          train_features, val_features, reference_head, run_json, device,
+                          extra_overrides={"protocol": fold_protocol})

@@ -59,6 +59,17 @@ def variant_dashes(variants: Iterable[str]) -> alt.Scale:
     return alt.Scale(domain=order, range=[list(_DASHES[i % len(_DASHES)]) for i in range(len(order))])
 
 
+def _method_legend(methods: Iterable[str], **options) -> alt.Legend:
+    """A method legend listing only the methods a chart draws (the colour scale keeps every method)."""
+    return alt.Legend(values=method_order(methods), symbolOpacity=1, **options)
+
+
+def _dash(dashes: alt.Scale) -> alt.StrokeDash:
+    """The variant channel; its legend only where there are several variants."""
+    legend = alt.Legend(symbolType="stroke", symbolSize=250) if len(dashes.domain) > 1 else None
+    return alt.StrokeDash("variant:N", scale=dashes, title="variant", legend=legend)
+
+
 def series_label(method: str, variant: str) -> str:
     return method if variant == "default" else f"{method} ({variant})"
 
@@ -183,9 +194,9 @@ def id_vs_ood_chart(
     highlight = alt.selection_point(fields=["method"], bind="legend", name="pick_method")
     fade = alt.condition(highlight, alt.value(1.0), alt.value(0.12))
     x = alt.X("id_acc:Q", title=f"ID test accuracy ({id_domain})", scale=alt.Scale(zero=False, nice=True),
-              axis=alt.Axis(format=".0%", tickCount=5))
+              axis=alt.Axis(format=".1~%", tickCount=5, tickMinStep=0.01))
     y = alt.Y("ood_acc:Q", title="OOD test accuracy", scale=alt.Scale(zero=False, nice=True),
-              axis=alt.Axis(format=".0%", tickCount=5))
+              axis=alt.Axis(format=".1~%", tickCount=5, tickMinStep=0.01))
     tooltip = [
         alt.Tooltip("series:N", title="method"), alt.Tooltip("variant:N"), alt.Tooltip("panel_label:N", title="OOD"),
         alt.Tooltip("alpha:Q", title="α", format=".2f"), alt.Tooltip("id_acc:Q", title="ID acc", format=".2%"),
@@ -195,22 +206,23 @@ def id_vs_ood_chart(
         alt.Tooltip("selected_seeds:Q", title="chosen on ID val (seeds)"),
     ]
     trained = alt.datum.method != REFERENCE_METHOD
+    trained_methods = [m for m in colour.domain if m != REFERENCE_METHOD]
+    method_colour = alt.Color("method:N", scale=colour, title="method", legend=alt.Legend(
+        values=trained_methods, orient="right", symbolType="stroke", symbolSize=300, symbolStrokeWidth=3,
+        symbolOpacity=1))
     paths = (alt.Chart().transform_filter(trained).mark_line(strokeWidth=2.2).properties(name="wise_paths")
              .encode(x=x, y=y, order="alpha:Q", detail="series:N",
-                     color=alt.Color("method:N", scale=colour, title="method",
-                                     legend=alt.Legend(orient="right", symbolType="stroke", symbolSize=250)),
-                     strokeDash=alt.StrokeDash("variant:N", scale=dashes, title="variant",
-                                               legend=alt.Legend(symbolType="stroke", symbolSize=250)
-                                               if len(dashes.domain) > 1 else None),
+                     color=method_colour, strokeDash=_dash(dashes),
                      opacity=fade))
     x_bars = (alt.Chart().transform_filter("isValid(datum.id_lo) && isValid(datum.id_hi)")
               .mark_rule(strokeWidth=1.2).properties(name="id_error_bars")
-              .encode(x="id_lo:Q", x2="id_hi:Q", y=y, color=alt.Color("method:N", scale=colour, legend=None),
+              .encode(x="id_lo:Q", x2="id_hi:Q", y=y, color=method_colour,
                       opacity=alt.condition(highlight, alt.value(0.55), alt.value(0.06))))
     y_bars = (alt.Chart().transform_filter("isValid(datum.ood_lo) && isValid(datum.ood_hi)")
               .mark_rule(strokeWidth=1.2).properties(name="ood_error_bars")
-              .encode(x=x, y="ood_lo:Q", y2="ood_hi:Q", color=alt.Color("method:N", scale=colour, legend=None),
+              .encode(x=x, y="ood_lo:Q", y2="ood_hi:Q", color=method_colour,
                       opacity=alt.condition(highlight, alt.value(0.55), alt.value(0.06))))
+    kind_legend = alt.Legend(symbolFillColor="#555", symbolStrokeColor="white")
     # the reference point is drawn once (by the reference method, or by the alpha-0 point of the first series)
     ref_alpha = (f"{is_reference} || (datum.alpha == 0 && !{_has_reference(points)} && "
                  f"datum.series == '{_first_series(points)}')")
@@ -218,20 +230,19 @@ def id_vs_ood_chart(
              .mark_point(filled=True, opacity=1, stroke="white", strokeWidth=0.8).properties(name="alpha_points")
              .encode(x=x, y=y,
                      color=alt.condition(f"datum.kind == '{POINT_KINDS[0]}'", alt.value("#222222"),
-                                         alt.Color("method:N", scale=colour, legend=None)),
-                     shape=alt.Shape("kind:N", title="point", scale=alt.Scale(
-                         domain=list(POINT_KINDS), range=["square", "circle", "diamond"]),
-                         legend=alt.Legend(symbolFillColor="#555", symbolStrokeColor="white", symbolSize=110)),
-                     size=alt.Size("kind:N", scale=alt.Scale(domain=list(POINT_KINDS), range=[120, 40, 150]),
-                                   legend=None),
+                                         method_colour),
+                     shape=alt.Shape("kind:N", title="point", sort=list(POINT_KINDS), scale=alt.Scale(
+                         domain=list(POINT_KINDS), range=["square", "circle", "diamond"]), legend=kind_legend),
+                     size=alt.Size("kind:N", title="point", sort=list(POINT_KINDS), scale=alt.Scale(
+                         type="ordinal", domain=list(POINT_KINDS), range=[110, 45, 170]), legend=kind_legend),
                      opacity=fade, tooltip=tooltip)
              .add_params(highlight))
     selected = (alt.Chart().transform_filter(alt.datum.selected)
                 .mark_point(shape="circle", filled=False, size=380, strokeWidth=2.2).properties(name="selected_points")
-                .encode(x=x, y=y, color=alt.Color("method:N", scale=colour, legend=None), opacity=fade,
+                .encode(x=x, y=y, color=method_colour, opacity=fade,
                         tooltip=tooltip))
     ref_label = (alt.Chart().transform_filter(f"datum.kind == '{POINT_KINDS[0]}'").transform_filter(ref_alpha)
-                 .mark_text(align="left", dx=8, dy=-8, fontSize=11, color="#222").properties(name="reference_label")
+                 .mark_text(align="left", baseline="top", dx=7, dy=5, fontSize=11, color="#222").properties(name="reference_label")
                  .encode(x=x, y=y, text=alt.value("reference")))
     layered = alt.layer(x_bars, y_bars, paths, marks, selected, ref_label, data=points).properties(
         width=panel_size[0], height=panel_size[1])
@@ -239,8 +250,7 @@ def id_vs_ood_chart(
     subtitle = [
         "Each line is one method's WiSE-FT path from the reference model (α = 0, black square) to the fine-tuned "
         "model (α = 1, diamond);",
-        f"the ring marks the α chosen on ID validation. Error bars: {' or '.join(errors) if errors else 'none'}. "
-        "Click a method in the legend to highlight it.",
+        f"the ring marks the α chosen on ID validation. Error bars: {' or '.join(errors) if errors else 'none'}.",
     ]
     chart = layered.facet(
         facet=alt.Facet("panel_label:N", sort=panel_order, title=None,
@@ -310,11 +320,12 @@ def leaderboard_display(table: pd.DataFrame) -> pd.DataFrame:
         value, sd = row.get(col), row.get(f"{col}_sd")
         if value is None or pd.isna(value):
             return "–"
-        return f"{100 * value:.1f} ± {100 * sd:.1f}" if sd is not None and pd.notna(sd) and row["seeds"] > 1 \
-            else f"{100 * value:.1f}"
+        spread = sd is not None and pd.notna(sd) and row["seeds"] > 1 and row["method"] != REFERENCE_METHOD
+        return f"{100 * value:.1f} ± {100 * sd:.1f}" if spread else f"{100 * value:.1f}"
 
     out = pd.DataFrame({
-        "method": table["method"], "variant": table["variant"], "weights": table["point"], "α": table["alpha"],
+        "method": table["method"], "variant": table["variant"], "weights": table["point"],
+        "α": table["alpha"].where(table["method"] != REFERENCE_METHOD, "0"),
         "seeds": table["seeds"].astype(int),
         f"ID {id_domain}": [acc(r, "id") for _, r in table.iterrows()],
         "OOD avg": [acc(r, OOD_AVERAGE) for _, r in table.iterrows()],
@@ -322,8 +333,9 @@ def leaderboard_display(table: pd.DataFrame) -> pd.DataFrame:
     for d in ood:
         out[d] = [acc(r, d) for _, r in table.iterrows()]
     out["trainable"] = [_count(v) for v in table["trainable_params"]]
-    out["checkpoint"] = [_bytes(v) for v in table["checkpoint_bytes"]]
-    out["train time"] = [_seconds(v) for v in table["train_seconds"]]
+    trained = table["method"] != REFERENCE_METHOD  # the reference is not trained: no checkpoint, no time
+    out["checkpoint"] = [_bytes(v) if t else "–" for v, t in zip(table["checkpoint_bytes"], trained)]
+    out["train time"] = [_seconds(v) if t else "–" for v, t in zip(table["train_seconds"], trained)]
     return out
 
 
@@ -404,20 +416,21 @@ def calibration_chart(summary: pd.DataFrame, curves: pd.DataFrame, ood_domains: 
                         & (pd.to_numeric(chosen["n_absent"], errors="coerce").fillna(0) > 0)].copy()
         chosen["series"] = [series_label(m, v) for m, v in zip(chosen["method"], chosen["variant"])]
         chosen["calibration_label"] = chosen["calibration"].map(lambda c: CALIBRATION_LABELS.get(c, c))
-        axis = dict(format=".0%", tickCount=5)
+        axis = dict(format=".1~%", tickCount=5, tickMinStep=0.01)
+        legend = _method_legend(curve["method"])
         lines = (alt.Chart(curve).mark_line(strokeWidth=2).properties(name="calibration_curves")
                  .encode(x=alt.X("seen_accuracy:Q", title="seen-class accuracy", axis=alt.Axis(**axis)),
                          y=alt.Y("absent_accuracy:Q", title="absent-class accuracy", axis=alt.Axis(**axis)),
-                         order="gamma:Q", detail="run:N", color=alt.Color("method:N", scale=colour, title="method"),
-                         strokeDash=alt.StrokeDash("variant:N", scale=dashes, title="variant",
-                                                   legend=None if len(dashes.domain) < 2 else alt.Legend()),
+                         order="gamma:Q", detail="run:N",
+                         color=alt.Color("method:N", scale=colour, title="method", legend=legend),
+                         strokeDash=_dash(dashes),
                          tooltip=["series:N", "seed:Q", alt.Tooltip("gamma:Q", format=".3f"),
                                   alt.Tooltip("seen_accuracy:Q", format=".2%"),
                                   alt.Tooltip("absent_accuracy:Q", format=".2%"),
                                   alt.Tooltip("ausuc:Q", title="AUSUC", format=".3f")]))
         dots = (alt.Chart(chosen).mark_point(filled=True, size=110, stroke="white", strokeWidth=0.8).properties(name="calibration_chosen")
                 .encode(x="seen_accuracy:Q", y="absent_accuracy:Q",
-                        color=alt.Color("method:N", scale=colour),
+                        color=alt.Color("method:N", scale=colour, title="method", legend=legend),
                         shape=alt.Shape("calibration_label:N", title="γ chosen by",
                                         scale=alt.Scale(domain=[CALIBRATION_LABELS[c] for c in CALIBRATIONS],
                                                         range=["circle", "triangle-up", "square"])),
@@ -426,11 +439,11 @@ def calibration_chart(summary: pd.DataFrame, curves: pd.DataFrame, ood_domains: 
                                  alt.Tooltip("seen_accuracy:Q", format=".2%"),
                                  alt.Tooltip("absent_accuracy:Q", format=".2%")]))
         charts.append(alt.layer(lines, dots).properties(
-            width=330, height=300,
+            width=300, height=300,
             title=alt.Title(f"Seen vs absent classes over γ ({id_domain} test, α = 1)",
                             subtitle="γ is added to absent-class logits; marks: γ chosen by ALG / PCV, and γ = 0")))
     charts.append(_calibration_gain(summary, absent_runs, ood_domains, colour, dashes, interpolation))
-    chart = alt.vconcat(*charts, spacing=28, title=alt.Title(title)).resolve_scale(color="shared", shape="independent")
+    chart = alt.hconcat(*charts, spacing=40, title=alt.Title(title)).resolve_scale(color="shared", shape="independent")
     return _themed(chart)
 
 
@@ -456,15 +469,16 @@ def _calibration_gain(summary, absent_runs, ood_domains, colour, dashes, interpo
     cal_order = [CALIBRATION_LABELS[c] for c in CALIBRATIONS if c in set(long["calibration"])]
     base = alt.Chart().encode(
         x=alt.X("calibration_label:N", sort=cal_order, title=None, axis=alt.Axis(labelAngle=0)),
-        y=alt.Y("mean:Q", title="test accuracy", axis=alt.Axis(format=".0%", tickCount=4),
+        y=alt.Y("mean:Q", title=None, axis=alt.Axis(format=".1~%", tickCount=4, tickMinStep=0.01),
                 scale=alt.Scale(zero=False)),
-        color=alt.Color("method:N", scale=colour), detail="series:N")
+        color=alt.Color("method:N", scale=colour, title="method", legend=_method_legend(long["method"])),
+        detail="series:N")
     tooltip = ["series:N", "domain:N", "measure:N", alt.Tooltip("calibration_label:N", title="calibration"),
                alt.Tooltip("mean:Q", title="accuracy", format=".2%"), alt.Tooltip("count:Q", title="seeds")]
     lines = base.mark_line(strokeWidth=1.8).properties(name="calibration_gain_lines").encode(
-        strokeDash=alt.StrokeDash("variant:N", scale=dashes, legend=None))
+        strokeDash=_dash(dashes))
     dots = base.mark_point(filled=True, size=55).properties(name="calibration_gain_points").encode(tooltip=tooltip)
-    return alt.layer(lines, dots, data=long).properties(width=120, height=110).facet(
+    return alt.layer(lines, dots, data=long).properties(width=100, height=100).facet(
         row=alt.Row("measure:N", sort=["all classes", "seen classes", "absent classes"], title=None,
                     header=alt.Header(labelAngle=0, labelAlign="left", labelFontWeight="bold")),
         column=alt.Column("domain:N", sort=domain_order, title=None,
@@ -566,22 +580,27 @@ def training_curves_chart(logs: pd.DataFrame, methods: Iterable[str] | None = No
     dashes = variant_dashes(data["variant"])
     highlight = alt.selection_point(fields=["method"], bind="legend", name="pick_run")
     tooltip = [alt.Tooltip("run:N"), "measure:N", "step:Q", alt.Tooltip("value:Q", format=".4g")]
-    base = alt.Chart().encode(
-        x=alt.X("step:Q", title="step"), y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
-        color=alt.Color("method:N", scale=colour, title="method"),
-        opacity=alt.condition(highlight, alt.value(0.95), alt.value(0.08)))
-    lines = base.mark_line(strokeWidth=1.6).properties(name="train_lines").encode(
-        detail="run:N", strokeDash=alt.StrokeDash("variant:N", scale=dashes, title="variant",
-                                                  legend=alt.Legend() if len(dashes.domain) > 1 else None),
-        tooltip=tooltip).add_params(highlight)
-    val = base.transform_filter(alt.datum.measure == "ID val accuracy").mark_point(
-        filled=True, size=36).properties(name="val_points").encode(tooltip=tooltip)
-    chart = alt.layer(lines, val, data=data).properties(width=250, height=170).facet(
-        facet=alt.Facet("measure:N", sort=order, title=None, header=alt.Header(labelFontWeight="bold")),
-        columns=min(columns, len(order)),
-        title=alt.Title(title, subtitle="Per-step loss terms and ID validation accuracy (points at epoch ends); "
-                                        "click a method in the legend to highlight it."),
-    ).resolve_scale(y="independent", x="independent")
+    panels = []
+    for measure in order:
+        rows = data[data["measure"] == measure]
+        base = alt.Chart(rows).encode(
+            x=alt.X("step:Q", title="step"),
+            y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False),
+                    axis=alt.Axis(format=".1~%", tickMinStep=0.01) if measure == "ID val accuracy" else alt.Axis()),
+            color=alt.Color("method:N", scale=colour, title="method", legend=_method_legend(data["method"])),
+            opacity=alt.condition(highlight, alt.value(0.95), alt.value(0.08)))
+        lines = base.mark_line(strokeWidth=1.6).properties(name="train_lines").encode(
+            detail="run:N", tooltip=tooltip,
+            strokeDash=_dash(dashes))
+        if not panels:  # one definition; the other panels only read it
+            lines = lines.add_params(highlight)
+        layers = [lines]
+        if measure == "ID val accuracy":  # a few points (epoch ends): mark each
+            layers.append(base.mark_point(filled=True, size=36).properties(name="val_points").encode(tooltip=tooltip))
+        panels.append(alt.layer(*layers).properties(width=250, height=170, title=alt.Title(measure, fontSize=13)))
+    chart = alt.concat(*panels, columns=min(columns, len(panels)), title=alt.Title(
+        title, subtitle="Per-step loss terms and ID validation accuracy (points at epoch ends), one line per run.")
+    ).resolve_scale(color="shared", strokeDash="shared")
     return _themed(chart)
 
 

@@ -25,7 +25,8 @@ CAPTIONS = {
         "Each method's WiSE-FT path: weights interpolated linearly between the reference model (α = 0) and the "
         "fine-tuned model (α = 1), evaluated on the ID test split (x) and on each OOD domain and their average (y). "
         "Points up and to the right are better; a path bulging above the straight line between its endpoints means "
-        "interpolation buys robustness. Seed means; no logit calibration.",
+        "interpolation buys robustness. Seed means; no logit calibration. Click a method in the legend to "
+        "highlight it; hover a point for its numbers.",
     ),
     "accuracy_change": (
         "Change from the reference model",
@@ -41,7 +42,7 @@ CAPTIONS = {
     "training_curves": (
         "Training curves",
         "Per-step loss (total and each term of the method's objective) and ID validation accuracy at epoch ends, one "
-        "line per run.",
+        "line per run. Click a method in the legend to highlight it.",
     ),
 }
 
@@ -258,7 +259,7 @@ def _config_section(config: Mapping[str, Any], summary: pd.DataFrame) -> str:
     methods = []
     for method in C.method_order(runs["method"]):
         variants = []
-        for variant in sorted(runs.loc[runs["method"] == method, "variant"].unique()):
+        for variant in sorted(runs.loc[runs["method"] == method, "variant"].unique(), key=lambda v: (v != "default", v)):
             settings = ((config.get("methods") or {}).get(method) or {}).get(variant)
             text = variant + (f" <code>{_e(json.dumps(settings, sort_keys=True))}</code>" if settings else "")
             variants.append(text if settings else _e(variant))

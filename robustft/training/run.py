@@ -41,6 +41,13 @@ from robustft.training.trainer import train as train_model
 
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.parquet"
+#: The keys finetune_run writes into run.json.
+RUN_RECORD_KEYS = frozenset({
+    "method", "variant", "seed", "hyperparameters", "protocol", "absent_classes", "class_names", "backbone", "device",
+    "n_train", "n_val", "total_parameters", "trainable_parameters", "trained_module_parameters", "best_epoch",
+    "best_val_accuracy", "last_val_accuracy", "steps", "resumed_at_step", "method_info", "checkpoint", "select",
+    "wall_time_s", "versions",
+})
 
 
 def resolve_device(device: str) -> torch.device:
@@ -131,11 +138,15 @@ def finetune_run(
     overrides the method's own defaults, e.g. L2-SP's weight decay 0.) ``train_features`` / ``val_features`` are
     the cached encoder features aligned with ``train`` / ``val`` rows (needed by linear_probe and lp_ft).
     ``backbone_spec`` may also be a :class:`Backbone` instance. ``checkpoint_dir`` (default ``<run_dir>.resume``)
-    holds the resumable state; ``on_step_end(step)`` runs after each optimizer step.
+    holds the resumable state; ``on_step_end(step)`` runs after each optimizer step. ``extra_record``: further
+    top-level run.json entries (provenance such as the pipeline commit); they may not replace the run's own keys.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
     method_cls = get_method(method)
+    clashes = sorted(set(extra_record or {}) & RUN_RECORD_KEYS)
+    if clashes:
+        raise ValueError(f"extra_record may not replace run.json keys {clashes}")
     training = dict(training or {})
     configured_device = training.pop("device", None)  # the config keeps it in training:, it is not a hyperparameter
     if device == "auto" and configured_device:

@@ -290,12 +290,9 @@ def train(
 
     method.set_train_mode(model)
     model.eval()
-    if select_best and best_tensors is not None:
-        tensors = best_tensors
-    else:
-        tensors = method.checkpoint_tensors(model, ctx)
-        if has_val and last_val is None and log:
-            last_val = log[-1]["val_accuracy"]
+    tensors = best_tensors if select_best and best_tensors is not None else method.checkpoint_tensors(model, ctx)
+    if has_val and last_val is None and log:  # resumed after the last epoch had ended
+        last_val = log[-1]["val_accuracy"]
     if not select_best:
         best_epoch = hp.epochs - 1 if hp.epochs else None
         best_val = last_val
@@ -306,7 +303,7 @@ def train(
         log=log_frame(log),
         best_epoch=best_epoch,
         best_val_accuracy=best_val,
-        last_val_accuracy=last_val if last_val is not None else (log[-1]["val_accuracy"] if log else None),
+        last_val_accuracy=last_val,
         steps=step,
         resumed_at_step=resumed_at,
     )
