@@ -17,13 +17,19 @@ include: "rules/finetune.smk"
 include: "rules/sweeps.smk"
 include: "rules/calibration.smk"
 include: "rules/summary.smk"
+include: "rules/report.smk"
 
 
 localrules:
     summary,
+    report,
 
 
 rule all:
     default_target: True
     input:
         "results/summary.parquet",
+        rules.report.output,
+
+
+report: "report/workflow.rst"

@@ -144,17 +144,20 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     return config
 
 
-def _check_overrides(key: str, overrides: dict, schema: dict) -> None:
-    """Check a variant's training-key and protocol overrides against the schema of training / protocol."""
+def _check_overrides(key: str, method: str, overrides: dict, schema: dict) -> None:
+    """Check a variant's overrides: training keys, protocol, and the method's own hyperparameters (schema $defs)."""
     props = schema["properties"]
+    training = {k: v for k, v in props["training"]["properties"].items() if k != "device"}
     wrapped = {
         "type": "object",
+        "additionalProperties": False,
         "properties": {
-            **props["training"]["properties"],
+            **training,
+            **schema["$defs"]["method_hyperparameters"][method],
             "protocol": {k: v for k, v in props["protocol"].items() if k != "default"},
         },
     }
-    instance = {k: v for k, v in overrides.items() if k in wrapped["properties"]}
+    instance = overrides
     validator = jsonschema.Draft202012Validator(wrapped)
     errors = sorted(validator.iter_errors(instance), key=lambda e: (len(list(e.absolute_path)), str(list(e.absolute_path))))
     if errors:
@@ -178,7 +181,7 @@ def _check_cross_keys(config: dict, schema: dict) -> None:
             key = f"methods.{method}.{variant}"
             if method == "flyp" and config["backbone"]["name"] != "open_clip":
                 raise ConfigError(f"{key}: flyp needs an open_clip backbone (backbone.name is {config['backbone']['name']!r})")
-            _check_overrides(key, overrides, schema)
+            _check_overrides(key, method, overrides, schema)
             protocol = {**config["protocol"], **overrides.get("protocol", {})}
             if protocol.get("kind") == "class_subset" and not protocol.get("absent_classes"):
                 raise ConfigError(f"{key}.protocol.absent_classes: class_subset needs at least one absent class")

@@ -11,6 +11,7 @@ rule finetune:
         reference_head=REFERENCE_HEAD,
     output:
         run=f"{RUN_DIR}/run.json",
+        train_log=f"{RUN_DIR}/train_log.parquet",
     params:
         backbone=BACKBONE_SPEC,
         templates=config["backbone"]["templates"],

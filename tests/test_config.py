@@ -310,3 +310,30 @@ def test_snakemake_configfile_with_duplicate_keys_fails(workflow_copy):
     assert len(lines) == 1, result.stdout + result.stderr
     assert "duplicate key 'default'" in lines[0] and "dup.yaml" in lines[0]
     assert not (workflow_copy / "results").exists()
+
+
+def test_schema_method_hyperparameters_match_the_method_dataclasses():
+    """The schema documents each method's own hyperparameters with the dataclass defaults (one source of truth each)."""
+    import dataclasses
+
+    from robustft.config import load_schema
+    from robustft.methods import METHODS
+    from robustft.methods.base import shared_field_names
+
+    documented = load_schema()["$defs"]["method_hyperparameters"]
+    assert set(documented) - {"description"} == set(METHODS)
+    shared = set(shared_field_names())
+    for name, method in METHODS.items():
+        fields = {f.name: f.default for f in dataclasses.fields(method.hyperparameters) if f.name not in shared}
+        assert set(documented[name]) == set(fields), name
+        for field, default in fields.items():
+            assert documented[name][field]["default"] == default, (name, field)
+            assert documented[name][field]["description"], (name, field)
+
+
+def test_unknown_method_hyperparameter_suggests_the_closest():
+    config = {"methods": {"kd": {"soft": {"kd_wieght": 0.3}}}}
+    with pytest.raises(ConfigError) as info:
+        validate_config(config)
+    message = str(info.value)
+    assert "\n" not in message and "methods.kd.soft.kd_wieght" in message and "'kd_weight'" in message

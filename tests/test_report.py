@@ -377,14 +377,15 @@ class Chromium:
 
 
 #: Per chart: the named mark layers to count, and the SVG element one datum draws.
-_COUNT_MARKS = """
+_COUNT_MARKS = r"""
 (() => {
   const out = {};
   for (const el of document.querySelectorAll("div.chart[data-chart]")) {
     const counts = {};
     for (const group of el.querySelectorAll("svg g.role-mark")) {
       // Vega-Lite may suffix a layer's name with _<n> inside concatenations: strip it
-      const name = (Array.from(group.classList).find(c => c.endsWith("_marks")) || "").replace(/(_\d+)+_marks$/, "_marks");
+      const name = (Array.from(group.classList).find(c => c.endsWith("_marks")) || "")
+        .replace(/(_\d+)+_marks$/, "_marks");
       const items = group.querySelectorAll(":scope > path, :scope > line, :scope > text").length;
       if (name) counts[name] = (counts[name] || 0) + items;
     }
@@ -423,12 +424,12 @@ def test_page_renders_in_chromium(report, tmp_path):
     panels = 1 + len(OOD)
     n_series = len(TRAINED)
     points = C.id_vs_ood_points(summary, OOD)
-    drawn = points[((points["method"] != "zeroshot") & (points["alpha"] > 0)) | (points["method"] == "zeroshot")]
     main = found["id_vs_ood"]["counts"]
-    assert main["alpha_points_marks"] == len(drawn) == panels * (n_series * (len(ALPHAS) - 1) + 1)
+    assert main["alpha_points_marks"] == points["drawn"].sum() == panels * (n_series * (len(ALPHAS) - 1) + 1)
     assert main["wise_paths_marks"] == panels * n_series
     assert main["selected_points_marks"] == panels * n_series
-    assert main["ood_error_bars_marks"] == main["id_error_bars_marks"] == len(points)
+    assert main["ood_error_bars_marks"] == main["id_error_bars_marks"] == points["show_error"].sum()
+    assert points["show_error"].sum() == points["drawn"].sum()  # several seeds: error bars at every point
     assert main["reference_label_marks"] == panels
     heat = found["accuracy_change"]["counts"]
     assert heat["heat_cells_marks"] == heat["heat_labels_marks"] == n_series * (panels + 1)
@@ -453,3 +454,26 @@ def test_page_renders_in_chromium(report, tmp_path):
     keep = os.environ.get("ROBUSTFT_REPORT_SCREENSHOT")
     if keep:
         shutil.copyfile(tmp_path / "report.png", keep)
+
+
+def test_single_seed_without_reference_run(report):
+    """One seed and no ``zeroshot`` run: CI error bars, the reference point taken from alpha 0, no "±"."""
+    summary = report["summary_frame"]
+    summary = summary[(summary["seed"] == 0) & (summary["method"] != "zeroshot")].assign(n_seeds=1)
+    points = C.id_vs_ood_points(summary, OOD)
+    assert (points["error"] == "95% bootstrap CI").all() and (points["n_seeds"] == 1).all()
+    reference = points[points["drawn"] & (points["kind"] == C.POINT_KINDS[0])]
+    assert len(reference) == 1 + len(OOD) and (reference["alpha"] == 0).all()  # once per panel
+    # a single run's CIs only at the reference, alpha = 1 and the chosen alpha
+    shown = points[points["show_error"]]
+    assert set(shown["alpha"]) == {0.0, 0.75, 1.0} and len(shown) == (1 + len(OOD)) * (1 + 2 * len(TRAINED))
+    one = points[(points["method"] == "kd") & (points["alpha"] == 1) & (points["panel"] == "cartoon")].iloc[0]
+    raw = summary[(summary["method"] == "kd") & (summary["alpha"] == 1) & (summary["eval_domain"] == "cartoon")
+                  & (summary["calibration"] == "none")].iloc[0]
+    assert (one["ood_lo"], one["ood_hi"]) == (raw["accuracy_ci_low"], raw["accuracy_ci_high"])
+    change = C.accuracy_change(summary, OOD)
+    assert change["reference"].notna().all()
+    assert "±" not in C.leaderboard_text(C.leaderboard(summary, OOD))
+    for chart in (C.id_vs_ood_chart(summary, OOD), C.accuracy_change_chart(summary, OOD),
+                  C.calibration_chart(summary, pd.DataFrame(), OOD), C.training_curves_chart(pd.DataFrame())):
+        assert chart.to_dict()  # validates against the Vega-Lite schema

@@ -124,7 +124,8 @@ def id_vs_ood_points(
     """One row per (method, variant, alpha, panel): ID-test and OOD accuracy, seed means with error bounds.
 
     Error bounds are ±1 s.d. over seeds where a point has several seeds, else the 95% bootstrap CI. The reference
-    method appears once, at alpha 0. ``selected`` marks the alpha chosen on ID validation by most seeds.
+    method appears once, at alpha 0. ``selected`` marks the alpha chosen on ID validation by most seeds; ``drawn``
+    the rows drawn as points (the reference once per panel), ``show_error`` those drawn with error bars.
     """
     rows = _base(summary, interpolation, calibration)
     id_domain = id_domain_of(summary)
@@ -170,8 +171,17 @@ def id_vs_ood_points(
     out = out.merge(best, on=["method", "variant", "alpha"], how="left")
     out["selected"] = out["selected"].astype("boolean").fillna(False).astype(bool)
     out["panel"] = pd.Categorical(out["panel"], categories=panels)
-    return out.sort_values(["panel", "method", "variant", "alpha"]).reset_index(drop=True).assign(
-        panel=lambda f: f["panel"].astype(str))
+    out = out.sort_values(["panel", "method", "variant", "alpha"]).reset_index(drop=True)
+    out["panel"] = out["panel"].astype(str)
+    # one point per panel for the reference model (the reference run, else the first series' alpha 0)
+    if is_ref.any():
+        reference = out["method"] == REFERENCE_METHOD
+    else:
+        reference = (out["alpha"] == 0) & (out["series"] == out["series"].iloc[0])
+    out["drawn"] = reference | (out["kind"] != POINT_KINDS[0])
+    # seed spreads are drawn everywhere; a single run's (wide) CIs only at the reference, alpha = 1 and the chosen alpha
+    out["show_error"] = out["drawn"] & ((out["n_seeds"] > 1) | (out["kind"] != POINT_KINDS[1]) | out["selected"])
+    return out
 
 
 def id_vs_ood_chart(
@@ -190,7 +200,6 @@ def id_vs_ood_chart(
     panel_order = [_domain_label(p) for p in pd.unique(points["panel"])]
     colour = method_colours(summary["method"].unique())
     dashes = variant_dashes(points["variant"])
-    is_reference = f"datum.method == '{REFERENCE_METHOD}'"
     highlight = alt.selection_point(fields=["method"], bind="legend", name="pick_method")
     fade = alt.condition(highlight, alt.value(1.0), alt.value(0.12))
     x = alt.X("id_acc:Q", title=f"ID test accuracy ({id_domain})", scale=alt.Scale(zero=False, nice=True),
@@ -214,19 +223,16 @@ def id_vs_ood_chart(
              .encode(x=x, y=y, order="alpha:Q", detail="series:N",
                      color=method_colour, strokeDash=_dash(dashes),
                      opacity=fade))
-    x_bars = (alt.Chart().transform_filter("isValid(datum.id_lo) && isValid(datum.id_hi)")
+    x_bars = (alt.Chart().transform_filter("datum.show_error && isValid(datum.id_lo) && isValid(datum.id_hi)")
               .mark_rule(strokeWidth=1.2).properties(name="id_error_bars")
               .encode(x="id_lo:Q", x2="id_hi:Q", y=y, color=method_colour,
                       opacity=alt.condition(highlight, alt.value(0.55), alt.value(0.06))))
-    y_bars = (alt.Chart().transform_filter("isValid(datum.ood_lo) && isValid(datum.ood_hi)")
+    y_bars = (alt.Chart().transform_filter("datum.show_error && isValid(datum.ood_lo) && isValid(datum.ood_hi)")
               .mark_rule(strokeWidth=1.2).properties(name="ood_error_bars")
               .encode(x=x, y="ood_lo:Q", y2="ood_hi:Q", color=method_colour,
                       opacity=alt.condition(highlight, alt.value(0.55), alt.value(0.06))))
     kind_legend = alt.Legend(symbolFillColor="#555", symbolStrokeColor="white")
-    # the reference point is drawn once (by the reference method, or by the alpha-0 point of the first series)
-    ref_alpha = (f"{is_reference} || (datum.alpha == 0 && !{_has_reference(points)} && "
-                 f"datum.series == '{_first_series(points)}')")
-    marks = (alt.Chart().transform_filter(f"datum.alpha > 0 && !({is_reference}) || {ref_alpha}")
+    marks = (alt.Chart().transform_filter(alt.datum.drawn)
              .mark_point(filled=True, opacity=1, stroke="white", strokeWidth=0.8).properties(name="alpha_points")
              .encode(x=x, y=y,
                      color=alt.condition(f"datum.kind == '{POINT_KINDS[0]}'", alt.value("#222222"),
@@ -241,12 +247,15 @@ def id_vs_ood_chart(
                 .mark_point(shape="circle", filled=False, size=380, strokeWidth=2.2).properties(name="selected_points")
                 .encode(x=x, y=y, color=method_colour, opacity=fade,
                         tooltip=tooltip))
-    ref_label = (alt.Chart().transform_filter(f"datum.kind == '{POINT_KINDS[0]}'").transform_filter(ref_alpha)
-                 .mark_text(align="left", baseline="top", dx=7, dy=5, fontSize=11, color="#222").properties(name="reference_label")
+    ref_label = (alt.Chart().transform_filter(f"datum.drawn && datum.kind == '{POINT_KINDS[0]}'")
+                 .mark_text(align="left", baseline="top", dx=7, dy=5, fontSize=11, color="#222")
+                 .properties(name="reference_label")
                  .encode(x=x, y=y, text=alt.value("reference")))
     layered = alt.layer(x_bars, y_bars, paths, marks, selected, ref_label, data=points).properties(
         width=panel_size[0], height=panel_size[1])
-    errors = sorted(set(points["error"]) - {"none"})
+    errors = sorted(set(points.loc[points["show_error"], "error"]) - {"none"})
+    if "95% bootstrap CI" in errors and (~points["show_error"] & points["drawn"]).any():
+        errors[errors.index("95% bootstrap CI")] = "95% bootstrap CI (at α = 0, α = 1 and the chosen α)"
     subtitle = [
         "Each line is one method's WiSE-FT path from the reference model (α = 0, black square) to the fine-tuned "
         "model (α = 1, diamond);",
@@ -259,14 +268,6 @@ def id_vs_ood_chart(
         title=alt.Title("ID vs OOD accuracy along the WiSE-FT interpolation path", subtitle=subtitle),
     ).resolve_scale(y="independent", x="independent")
     return _themed(chart)
-
-
-def _has_reference(points: pd.DataFrame) -> str:
-    return "true" if (points["method"] == REFERENCE_METHOD).any() else "false"
-
-
-def _first_series(points: pd.DataFrame) -> str:
-    return str(points["series"].iloc[0]).replace("'", "\\'")
 
 
 # ---------------------------------------------------------------------------------------------- 2. leaderboard
@@ -391,7 +392,7 @@ def has_absent_classes(summary: pd.DataFrame, curves: pd.DataFrame | None = None
 
 def calibration_chart(summary: pd.DataFrame, curves: pd.DataFrame, ood_domains: Sequence[str] | None = None,
                       interpolation: str = "linear") -> alt.TopLevelMixin:
-    """Seen- vs absent-class accuracy over the logit offset γ (ID test, α = 1) and accuracy before/after the chosen γ."""
+    """Seen- vs absent-class accuracy over the logit offset γ (ID test, α = 1); accuracy before/after the chosen γ."""
     title = "Logit-scale calibration for classes absent from fine-tuning"
     if not has_absent_classes(summary, curves):
         return _themed(_note("No run has classes absent from its fine-tuning data: nothing to calibrate.", title))
@@ -428,7 +429,8 @@ def calibration_chart(summary: pd.DataFrame, curves: pd.DataFrame, ood_domains: 
                                   alt.Tooltip("seen_accuracy:Q", format=".2%"),
                                   alt.Tooltip("absent_accuracy:Q", format=".2%"),
                                   alt.Tooltip("ausuc:Q", title="AUSUC", format=".3f")]))
-        dots = (alt.Chart(chosen).mark_point(filled=True, size=110, stroke="white", strokeWidth=0.8).properties(name="calibration_chosen")
+        dots = (alt.Chart(chosen).mark_point(filled=True, size=110, stroke="white", strokeWidth=0.8)
+                .properties(name="calibration_chosen")
                 .encode(x="seen_accuracy:Q", y="absent_accuracy:Q",
                         color=alt.Color("method:N", scale=colour, title="method", legend=legend),
                         shape=alt.Shape("calibration_label:N", title="γ chosen by",
@@ -525,7 +527,8 @@ def accuracy_change_chart(summary: pd.DataFrame, ood_domains: Sequence[str] | No
     for m in method_order(data["method"]):
         order += sorted(data.loc[data["method"] == m, "series"].unique(), key=lambda s: (s != m, s))
     ref = data.drop_duplicates("domain").set_index("domain")["reference"]
-    ref_text = ", ".join(f"{d} {100 * ref[d]:.1f}%" for d in data.attrs["domain_order"] if d in ref and pd.notna(ref[d]))
+    ref_text = ", ".join(f"{d} {100 * ref[d]:.1f}%" for d in data.attrs["domain_order"]
+                         if d in ref and pd.notna(ref[d]))
     base = alt.Chart(data).encode(
         x=alt.X("domain:N", sort=data.attrs["domain_order"], title=None,
                 axis=alt.Axis(orient="top", labelAngle=0, labelFontWeight="bold", domain=False, ticks=False)),
@@ -544,7 +547,8 @@ def accuracy_change_chart(summary: pd.DataFrame, ood_domains: Sequence[str] | No
     n_rows, n_cols = len(order), len(data.attrs["domain_order"])
     chart = alt.layer(cells, labels).properties(
         width=max(300, 95 * n_cols), height=max(60, 30 * n_rows),
-        title=alt.Title(title, subtitle=f"Reference accuracy: {ref_text}. Blue: better than the reference; red: worse."))
+        title=alt.Title(title, subtitle=f"Reference accuracy: {ref_text}. Blue: better than the reference; "
+                                        "red: worse."))
     return _themed(chart)
 
 

@@ -259,7 +259,8 @@ def _config_section(config: Mapping[str, Any], summary: pd.DataFrame) -> str:
     methods = []
     for method in C.method_order(runs["method"]):
         variants = []
-        for variant in sorted(runs.loc[runs["method"] == method, "variant"].unique(), key=lambda v: (v != "default", v)):
+        names = runs.loc[runs["method"] == method, "variant"].unique()
+        for variant in sorted(names, key=lambda v: (v != "default", v)):
             settings = ((config.get("methods") or {}).get(method) or {}).get(variant)
             text = variant + (f" <code>{_e(json.dumps(settings, sort_keys=True))}</code>" if settings else "")
             variants.append(text if settings else _e(variant))

@@ -22,11 +22,12 @@
 #                         keeps a complete record of every job.
 #                         0: no accounting (faster start); Snakemake must then be
 #                         run with `--slurm-status-command squeue`.
-#   SLURM_TEST_CPUS       CPUs the node advertises (default: max(8, nproc)); more
-#                         than the machine has is fine for tiny test jobs
-#                         (SlurmdParameters=config_overrides).
+#   SLURM_TEST_CPUS       CPUs (default 64) and memory in MB (default 256000) the node
+#   SLURM_TEST_MEM_MB     advertises: more than the machine has, so that the real
+#                         profile's requests (slurm/profile.yaml) fit unchanged. Nothing
+#                         enforces them (no cgroups); fine for tiny test jobs.
 #   SLURM_TEST_GPUS       fake GPUs (GRES gpu, type $SLURM_TEST_GPU_TYPE, default
-#                         "fake") on the node (default 2; 0 for none), so that
+#                         "fake") on the node (default 4; 0 for none), so that
 #                         `--gpus=1` and `--gpus=fake:1` can be scheduled. No device
 #                         is behind them: a job gets CUDA_VISIBLE_DEVICES, no GPU.
 #   SLURM_TEST_PORT_BASE  ports used: BASE+17 slurmctld, +18 slurmd, +19 slurmdbd,
@@ -41,8 +42,9 @@ set -euo pipefail
 D=${SLURM_TEST_DIR:-/tmp/robustft-slurm}
 ACCOUNTING=${SLURM_TEST_ACCOUNTING:-1}
 NPROC=$(nproc)
-CPUS=${SLURM_TEST_CPUS:-$(( NPROC > 8 ? NPROC : 8 ))}
-GPUS=${SLURM_TEST_GPUS:-2}
+CPUS=${SLURM_TEST_CPUS:-64}
+MEM_MB=${SLURM_TEST_MEM_MB:-256000}
+GPUS=${SLURM_TEST_GPUS:-4}
 GPU_TYPE=${SLURM_TEST_GPU_TYPE:-fake}
 PORT_BASE=${SLURM_TEST_PORT_BASE:-16800}
 CTLD_PORT=$((PORT_BASE + 17))
@@ -71,16 +73,16 @@ die() {
 }
 
 show_logs() {
-    local f
-    for f in "$D"/log/*.log "$D"/log/*.stderr; do
-        [[ -s $f ]] || continue
-        case $f in
-        */apt.log | */mariadb-install.log | */sacctmgr.log) ;;
-        # -D daemons print each log line again on stderr: only the first lines
-        *.stderr) [[ $(wc -l <"$f") -lt 15 ]] || continue ;;
-        esac
-        echo "----- $f (last 30 lines) -----"
-        tail -n 30 "$f"
+    local name f
+    for name in "${DAEMONS[@]}" mariadb-install sacctmgr apt; do
+        # slurm daemons run with -D print each log line on stderr too: show the
+        # stderr file only where there is no log file (e.g. a usage error)
+        for f in "$D/log/$name.log" "$D/log/$name.stderr"; do
+            [[ -s $f ]] || continue
+            echo "----- $f (last 20 lines) -----"
+            tail -n 20 "$f"
+            break
+        done
     done
     if [[ -x $(command -v sinfo) && -f $SLURM_CONF ]]; then
         echo "----- sinfo -----"
@@ -112,7 +114,15 @@ launch() {
     # the child is no group leader, so setsid execs in place and $! is the daemon.
     # The daemons write their own log files; what they print goes to NAME.stderr.
     setsid "$@" </dev/null >"$D/log/$name.stderr" 2>&1 &
-    echo $! >"$(pidfile "$name")"
+    local pid=$! i
+    echo "$pid" >"$(pidfile "$name")"
+    # until the exec, /proc/PID/comm still says bash or setsid
+    for ((i = 0; i < 50; i++)); do
+        alive "$name" >/dev/null && return 0
+        [[ -d /proc/$pid ]] || break
+        sleep 0.1
+    done
+    die "could not start $name ($*)"
 }
 
 wait_for() { # wait_for NAME DESCRIPTION CMD...: poll CMD until it succeeds
@@ -158,10 +168,6 @@ write_if_changed() { # write_if_changed FILE MODE < content
 }
 
 write_configs() {
-    local mem
-    # what slurmd will find; slightly less so the node is never drained for
-    # "Low RealMemory"
-    mem=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.95}' /proc/meminfo)
     local acct
     if [[ $ACCOUNTING == 1 ]]; then
         acct="AccountingStorageType=accounting_storage/slurmdbd
@@ -217,6 +223,7 @@ SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
 ReturnToService=2
 # the node advertises what is configured here, not what slurmd detects
+# ($NPROC cores, $(awk '/^MemTotal:/ {printf "%d", $2 / 1024}' /proc/meminfo) MB)
 SlurmdParameters=config_overrides
 # finished jobs stay visible to squeue for 5 minutes
 MinJobAge=300
@@ -227,8 +234,10 @@ JobRequeue=1
 $gres_types
 $acct
 JobCompType=jobcomp/none
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$mem$gres_node State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB$gres_node State=UNKNOWN
+# partition names as in slurm/profile.yaml: the default one for CPU jobs, "gpu"
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP
 EOF
     write_if_changed "$D/etc/gres.conf" 644 <<<"$gres_conf"
     # an empty SPANK plugin stack (the Debian default one includes other files)

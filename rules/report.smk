@@ -1,0 +1,38 @@
+# The report: results/report/index.html (self-contained), each chart as PNG and Vega-Lite JSON, the leaderboard.
+# The PNGs and the page are registered for `snakemake --report report.html`; the rule prints the leaderboard.
+
+from robustft.report import CHART_NAMES  # cheap: no plotting library at parse time
+
+REPORT_DIR = "results/report"
+
+
+rule report:
+    input:
+        summary=rules.summary.output.summary,
+        curves=[f"{d}/calibration_curve.parquet" for d in run_dirs()],
+        train_logs=[f"{d}/train_log.parquet" for d in run_dirs()],
+    output:
+        index=report(f"{REPORT_DIR}/index.html", category="1. Report page", caption="../report/index.rst"),
+        id_vs_ood=report(f"{REPORT_DIR}/id_vs_ood.png", category="2. Figures", caption="../report/id_vs_ood.rst",
+                         labels={"figure": "1. ID vs OOD accuracy"}),
+        accuracy_change=report(f"{REPORT_DIR}/accuracy_change.png", category="2. Figures",
+                               caption="../report/accuracy_change.rst",
+                               labels={"figure": "2. Change from the reference"}),
+        calibration=report(f"{REPORT_DIR}/calibration.png", category="2. Figures",
+                           caption="../report/calibration.rst", labels={"figure": "3. Calibration"}),
+        training_curves=report(f"{REPORT_DIR}/training_curves.png", category="2. Figures",
+                               caption="../report/training_curves.rst", labels={"figure": "4. Training curves"}),
+        specs=[f"{REPORT_DIR}/{name}.vl.json" for name in CHART_NAMES],
+        leaderboard=f"{REPORT_DIR}/leaderboard.txt",
+        leaderboard_csv=report(f"{REPORT_DIR}/leaderboard.csv", category="3. Tables",
+                               caption="../report/leaderboard.rst"),
+    params:
+        description={k: v for k, v in config.items() if k in ("dataset", "methods", "seeds", "sweep", "report")}
+        | {"backbone": BACKBONE_SPEC},
+        code=code_version("robustft/report"),
+    log:
+        "results/logs/report.log",
+    conda:
+        "../envs/robustft.yaml"
+    script:
+        "../workflow_scripts/report.py"
