@@ -5,8 +5,10 @@ import os
 import sys
 from pathlib import Path
 
+# The library lives beside the Snakefile: make it importable here and in every script and cluster job (we set
+# PYTHONPATH, we do not require it, so there is nothing for an envvars directive to assert).
 sys.path.insert(0, workflow.basedir)
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")]))
+os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])))
 
 from robustft.config import ConfigError, canonical_json, load_yaml_strict, resolved_variant, run_table, validate_config
 from snakemake.utils import validate

@@ -5,7 +5,7 @@ rule fetch_pacs:
     output:
         marker="results/data/PACS/.complete",
     params:
-        dest="results/data/PACS",
+        dest=lambda wildcards, output: os.path.dirname(output.marker),
     log:
         "results/logs/fetch_pacs.log",
     conda:

@@ -70,20 +70,34 @@ def write_config(workdir: str | Path, config: Mapping | None = None, **overrides
     return path
 
 
+#: The workflow profile applied to every run started with this Snakefile (unless ``--workflow-profile none``).
+WORKFLOW_PROFILE = REPO / "profiles" / "default" / "config.yaml"
+
+
 def snakemake_command(workdir: str | Path, *args: str, snakefile: str | Path = SNAKEFILE,
-                      configfile: str | Path | None = None, profile: bool = False) -> list[str]:
+                      configfile: str | Path | None = None, profile: bool = True) -> list[str]:
     """``snakemake -s <Snakefile> --directory <workdir> --configfile <workdir>/config.yaml --cores N`` + ``args``.
 
-    ``profile=False`` adds ``--workflow-profile none``: the tests pin their own options rather than inherit
-    whatever ``profiles/default/`` sets (its resource limits and rerun policy are the lead's to change).
+    The repository's workflow profile (``profiles/default/``) applies, as it does for a user: its rerun triggers,
+    ``rerun-incomplete`` and ``keep-going`` are part of what the tests check. Only its ``gpu: 1`` limit is lifted
+    (``--resources gpu=N``): on CPU it would merely run the single-threaded feature jobs one at a time.
+    ``profile=False`` adds ``--workflow-profile none`` instead.
     """
     workdir = Path(workdir)
     configfile = Path(configfile) if configfile else workdir / "config.yaml"
     cmd = [str(SNAKEMAKE), "-s", str(snakefile), "--directory", str(workdir), "--configfile", str(configfile),
            "--cores", str(CORES)]
+    cmd += list(args)
     if not profile:
         cmd += ["--workflow-profile", "none"]
-    return cmd + list(args)
+    elif WORKFLOW_PROFILE.is_file():  # last: --resources takes any number of values and would swallow a target
+        cmd += ["--resources", f"gpu={CORES}"]
+    return cmd
+
+
+def workflow_profile() -> dict:
+    """The settings of ``profiles/default/config.yaml`` ({} when there is none)."""
+    return yaml.safe_load(WORKFLOW_PROFILE.read_text()) or {} if WORKFLOW_PROFILE.is_file() else {}
 
 
 def _env() -> dict[str, str]:
@@ -108,9 +122,12 @@ def output_tail(proc: subprocess.CompletedProcess | str, chars: int = 6000) -> s
     return text[-chars:]
 
 
-def run_pipeline(workdir: str | Path, timeout: float = 900, **kwargs: Any) -> subprocess.CompletedProcess:
-    """A full run of the workflow's default target in ``workdir``; fails the test with the output tail if it fails."""
-    return run_snakemake(workdir, "--rerun-incomplete", timeout=timeout, check=True, **kwargs)
+def run_pipeline(workdir: str | Path, *args: str, timeout: float = 900, **kwargs: Any) -> subprocess.CompletedProcess:
+    """A run of the workflow (default target) in ``workdir``; fails the test with the output tail if it fails.
+
+    No ``--rerun-incomplete`` here: the workflow profile sets it (the kill tests rely on that).
+    """
+    return run_snakemake(workdir, *args, timeout=timeout, check=True, **kwargs)
 
 
 def dry_run_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:

@@ -274,6 +274,10 @@ def _config_section(config: Mapping[str, Any], summary: pd.DataFrame) -> str:
     items.append(("WiSE-FT α", ", ".join(f"{a:g}" for a in alphas)))
     cals = sorted(summary["calibration"].unique(), key=lambda c: C.CALIBRATIONS.index(c) if c in C.CALIBRATIONS else 9)
     items.append(("Calibrations", ", ".join(C.CALIBRATION_LABELS.get(c, c) for c in cals)))
+    skipped = config.get("skipped_images")
+    if skipped is not None:
+        shown = ", ".join(skipped[:20]) + (f" and {len(skipped) - 20} more" if len(skipped) > 20 else "")
+        items.append(("Skipped images", f"{len(skipped)} (dataset.on_bad_image: skip)" + (f": {shown}" if skipped else "")))
     rows = "".join(f"<dt>{_e(k)}</dt><dd>{v if k == 'Methods / variants' else _e(v)}</dd>" for k, v in items)
     return f"<section id=\"configuration\"><h2>Configuration</h2><dl class=\"config\">{rows}</dl></section>"
 

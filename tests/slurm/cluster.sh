@@ -164,8 +164,14 @@ write_if_changed() { # write_if_changed FILE MODE < content
     tmp=$(mktemp "$f.XXXXXX")
     cat >"$tmp"
     chmod "$mode" "$tmp"
-    if [[ -f $f ]] && cmp -s "$tmp" "$f"; then rm -f "$tmp"; else mv -f "$tmp" "$f"; fi
+    if [[ -f $f ]] && cmp -s "$tmp" "$f"; then
+        rm -f "$tmp"
+    else
+        mv -f "$tmp" "$f"
+        CONF_CHANGED=1
+    fi
 }
+CONF_CHANGED=0
 
 write_configs() {
     local acct
@@ -202,7 +208,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$D/munge/munge.socket.2
+# cred_expire also sets how long a requeued job waits before it may start again
+# (default 120 s)
+AuthInfo=socket=$D/munge/munge.socket.2,cred_expire=20
 StateSaveLocation=$D/state
 SlurmdSpoolDir=$D/spool/slurmd
 SlurmctldPidFile=$D/run/slurmctld.daemon.pid
@@ -230,7 +238,9 @@ MinJobAge=300
 KillWait=5
 InactiveLimit=0
 SlurmdTimeout=60
-JobRequeue=1
+# jobs are not requeueable unless submitted with --requeue (as the profile does with
+# slurm-requeue: true), so the requeue test shows that the flag reaches sbatch
+JobRequeue=0
 $gres_types
 $acct
 JobCompType=jobcomp/none
@@ -367,6 +377,11 @@ cmd_start() {
     chmod 755 "$D/munge"  # munged wants the socket folder world-executable
     install_packages
     write_configs
+    if ((CONF_CHANGED)); then
+        # daemons still running from an earlier `start` read the old configuration
+        stop_daemons slurmd slurmctld
+        stop_daemons slurmdbd
+    fi
     start_munge
     if [[ $ACCOUNTING == 1 ]]; then
         start_db

@@ -1,0 +1,569 @@
+"""End to end: the Snakemake workflow on a tiny PACS subset (64 px, a few images per class, CPU).
+
+Expensive runs happen once per module and are shared:
+
+- ``session``: the tiny config (zeroshot, linear_probe, full_ft + the class-subset variant ``absent2`` with 2 PCV
+  folds), uninterrupted;
+- ``sub_uninterrupted``: the same config restricted to full_ft/default, uninterrupted;
+- ``sub_killed``: that restricted config again, SIGKILLed once while a feature cache is being written and once
+  while full_ft is fine-tuning, then rerun to completion.
+
+Both configs set ``training.checkpoint_every: 1`` (a resume checkpoint after every step, so that a kill can land
+between two of them) and ``training.batch_size: 8`` (6 steps for full_ft instead of 3: a wider window to kill in).
+The restricted config differs from the session config only in its methods, so its runs must reproduce the session's
+rows bit for bit (test 6), with and without interruption (test 5).
+
+Run with ``pytest -m pipeline tests/test_pipeline.py``; set ``ROBUSTFT_KILL_SEED`` to replay a kill schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline_utils import (
+    DELETE,
+    PACS_ROOT,
+    REPO,
+    TIMING_COLUMNS,
+    comparable,
+    dry_run_jobs,
+    output_tail,
+    run_and_kill,
+    run_pipeline,
+    run_snakemake,
+    summaries_equal_message,
+    tiny_config,
+    workflow_profile,
+    write_config,
+)
+
+pytestmark = [
+    pytest.mark.pipeline,
+    pytest.mark.skipif(not PACS_ROOT.is_dir(), reason=f"PACS not found at {PACS_ROOT}"),
+]
+
+COMMON = {"training": {"checkpoint_every": 1, "batch_size": 8}}
+SUB = {"methods": {"zeroshot": DELETE, "linear_probe": DELETE, "full_ft": {"absent2": DELETE}}}
+SUB_RUNS = {("full_ft", "default")}
+ID_DOMAIN, OOD_DOMAINS = "photo", ["art_painting", "sketch"]
+N_CLASSES = 7
+KILL_SEED = int(os.environ.get("ROBUSTFT_KILL_SEED", random.SystemRandom().randrange(10**6)))
+#: Rules that follow the summary (the report) and the target rule: allowed in every "what reruns" answer.
+AFTER_SUMMARY = {"summary", "report", "all"}
+#: The restricted runs stop at the summary (the session's run builds the report as well).
+SUMMARY = "results/summary.parquet"
+
+
+def _resolved(config: dict) -> dict:
+    from robustft.config import validate_config
+
+    return validate_config(config)
+
+
+def _backbone_spec(config: dict) -> dict:
+    return {k: v for k, v in _resolved(config)["backbone"].items() if k != "templates"}
+
+
+def _run_dir(workdir: Path, method: str, variant: str, seed: int = 0) -> Path:
+    return workdir / "results" / "runs" / method / variant / f"seed{seed}"
+
+
+def _timed_run(workdir: Path, config: dict, *targets: str) -> SimpleNamespace:
+    write_config(workdir, config)
+    started = time.monotonic()
+    proc = run_pipeline(workdir, *targets)
+    return SimpleNamespace(workdir=workdir, config=config, proc=proc, seconds=time.monotonic() - started)
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory) -> SimpleNamespace:
+    """The tiny config, run once, uninterrupted."""
+    return _timed_run(tmp_path_factory.mktemp("session"), tiny_config(COMMON))
+
+
+@pytest.fixture(scope="module")
+def sub_config() -> dict:
+    return tiny_config({**COMMON, **SUB})
+
+
+@pytest.fixture(scope="module")
+def sub_uninterrupted(tmp_path_factory, sub_config) -> SimpleNamespace:
+    """The restricted config (full_ft/default only), run once, uninterrupted."""
+    return _timed_run(tmp_path_factory.mktemp("sub_uninterrupted"), sub_config, SUMMARY)
+
+
+@pytest.fixture(scope="module")
+def summary(session) -> pd.DataFrame:
+    return pd.read_parquet(session.workdir / "results" / "summary.parquet")
+
+
+# ------------------------------------------------------------------------------------------------ 1. dry run, lint
+
+
+def _embedded_config(workdir: Path) -> dict:
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["dataset"]["root"] = str(PACS_ROOT)
+    write_config(workdir, config)
+    return config
+
+
+def _expected_jobs(config: dict) -> dict[str, int]:
+    from robustft.config import resolved_variant, run_table
+
+    cfg = _resolved(config)
+    runs = run_table(cfg)
+    subset = sum(resolved_variant(cfg, r["method"], r["variant"])["overrides"]["protocol"]["kind"] == "class_subset"
+                 for r in runs)
+    folds = cfg["calibration"]["pcv_folds"] * subset
+    caches = 3 + len(cfg["dataset"]["ood_domains"])  # ID train/val/test + each OOD domain's test split
+    return {"manifest": 1, "pixel_cache": caches, "features": caches, "reference": 1, "finetune": len(runs),
+            "finetune_pcv": folds, "pcv_logits": folds, "sweep": len(runs), "calibrate": len(runs), "summary": 1,
+            "all": 1}
+
+
+def test_dry_run_of_the_embedded_config_lists_every_job(tmp_path):
+    config = _embedded_config(tmp_path)
+    proc = run_snakemake(tmp_path, "-n", "--quiet", "rules", timeout=300)
+    assert proc.returncode == 0, output_tail(proc)
+    jobs = dry_run_jobs(proc)
+    expected = _expected_jobs(config)
+    extra = {rule: n for rule, n in jobs.items() if rule not in expected}
+    assert {rule: jobs.get(rule, 0) for rule in expected} == expected, f"dry run job counts {jobs}\n{output_tail(proc)}"
+    assert set(extra) <= {"report"} and all(n == 1 for n in extra.values()), f"unexpected jobs {extra}"
+    # writes nothing: no results/ folder, no metadata
+    assert not (tmp_path / "results").exists()
+
+    # every run's outputs are named in the dry run
+    from robustft.config import run_table
+
+    full = run_snakemake(tmp_path, "-n", timeout=300)
+    text = full.stdout + full.stderr
+    for run in run_table(_resolved(config)):
+        folder = f"results/runs/{run['method']}/{run['variant']}/seed{run['seed']}"
+        for name in ("run.json", "sweep_logits.h5", "metrics.parquet", "calibration_curve.parquet"):
+            assert f"{folder}/{name}" in text, f"{folder}/{name} missing from the dry run"
+
+
+def test_lint_is_clean(tmp_path):
+    _embedded_config(tmp_path)
+    proc = run_snakemake(tmp_path, "--lint", timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Congratulations" in text, f"snakemake --lint findings:\n{text[-8000:]}"
+
+
+# ------------------------------------------------------------------------------------------- 2. end to end, tiny
+
+
+def test_summary_schema_and_one_row_per_cell(session, summary):
+    from robustft.pipeline.analysis import SUMMARY_COLUMNS
+
+    assert list(summary.columns) == list(SUMMARY_COLUMNS)
+    keys = ["method", "variant", "seed", "eval_domain", "split", "alpha", "interpolation", "calibration"]
+    duplicated = summary[summary.duplicated(keys, keep=False)]
+    assert duplicated.empty, duplicated[keys]
+
+    alphas = session.config["sweep"]["alphas"]
+    cells = [(ID_DOMAIN, "val"), (ID_DOMAIN, "test"), *[(d, "test") for d in OOD_DOMAINS], ("ood_average", "test")]
+    runs = {("zeroshot", "default"): ["none"], ("linear_probe", "default"): ["none"],
+            ("full_ft", "default"): ["none"], ("full_ft", "absent2"): ["none", "alg", "pcv"]}
+    expected = {(m, v, 0, d, s, float(a), "linear", c)
+                for (m, v), calibrations in runs.items() for d, s in cells for a in alphas for c in calibrations}
+    got = set(summary[keys].itertuples(index=False, name=None))
+    assert got == expected, f"missing {sorted(expected - got)[:5]}, unexpected {sorted(got - expected)[:5]}"
+    assert (summary["is_ood"] == summary["eval_domain"].isin([*OOD_DOMAINS, "ood_average"])).all()
+    assert (summary["train_domain"] == ID_DOMAIN).all() and (summary["dataset"] == "pacs").all()
+    protocol = summary.set_index(["method", "variant"])["protocol"]
+    assert set(protocol.loc[("full_ft", "absent2")]) == {"class_subset"}
+    assert set(protocol.drop(("full_ft", "absent2"))) == {"full"}
+    assert (summary["n_seeds"] == 1).all() and (summary["accuracy_seed_std"] == 0).all()
+    assert np.array_equal(summary["accuracy_seed_mean"], summary["accuracy"])
+    finite = summary[["accuracy", "accuracy_ci_low", "accuracy_ci_high"]]
+    assert ((finite["accuracy_ci_low"] <= finite["accuracy"] + 1e-12)
+            & (finite["accuracy"] <= finite["accuracy_ci_high"] + 1e-12)).all()
+
+
+def test_reference_accuracy(summary):
+    """The reference model (zeroshot run = linear probe on 64 px features, 6 photos per class).
+
+    What it reaches on this tiny subset (checked by hand): photo val 0.62, photo test 0.75, art_painting 0.39,
+    sketch 0.07 (below chance: 64 px photos do not transfer to sketches). So: well above chance in-distribution,
+    and the OOD average above chance; no claim per OOD domain.
+    """
+    ref = summary[(summary["method"] == "zeroshot") & (summary["calibration"] == "none")]
+    acc = ref.groupby(["eval_domain", "split"])["accuracy"].agg(["min", "max"])
+    assert (acc["min"] == acc["max"]).all(), "the zeroshot run must not depend on alpha"
+    acc = acc["min"]
+    chance = 1 / N_CLASSES
+    assert acc[(ID_DOMAIN, "test")] > 0.4 and acc[(ID_DOMAIN, "val")] > 0.4, acc
+    assert acc[("ood_average", "test")] > chance, acc
+    # every run starts from the reference: alpha = 0 rows equal the zeroshot run's rows
+    at0 = summary[(summary["alpha"] == 0) & (summary["calibration"] == "none")]
+    per_run = at0.pivot_table(index=["eval_domain", "split"], columns=["method", "variant"], values="accuracy")
+    assert per_run.sub(per_run[("zeroshot", "default")], axis=0).abs().to_numpy().max() == 0, per_run
+
+
+def test_ood_average_is_the_mean_of_the_ood_domains(summary):
+    keys = ["method", "variant", "seed", "alpha", "interpolation", "calibration"]
+    ood = summary[summary["eval_domain"].isin(OOD_DOMAINS) & (summary["split"] == "test")]
+    mean = ood.groupby(keys).agg(accuracy=("accuracy", "mean"), n=("n", "sum"), domains=("eval_domain", "nunique"))
+    avg = summary[summary["eval_domain"] == "ood_average"].set_index(keys)
+    assert (mean["domains"] == len(OOD_DOMAINS)).all()
+    joined = avg.join(mean.add_suffix("_domains"), how="outer")
+    assert not joined[["accuracy", "accuracy_domains"]].isna().any().any()
+    np.testing.assert_allclose(joined["accuracy"], joined["accuracy_domains"], rtol=0, atol=1e-12)
+    assert (joined["n"] == joined["n_domains"]).all()
+
+
+def test_selected_alpha_is_one_alpha_per_run_chosen_on_id_val(summary):
+    keys = ["method", "variant", "seed", "interpolation", "calibration"]
+    for key, group in summary.groupby(keys):
+        chosen = group.loc[group["selected_alpha"], "alpha"].unique()
+        assert len(chosen) == 1, f"{key}: selected alphas {chosen}"
+        # every row of the chosen alpha is flagged, no other row
+        assert group["selected_alpha"].to_numpy().tolist() == (group["alpha"] == chosen[0]).to_numpy().tolist()
+        val = group[(group["eval_domain"] == ID_DOMAIN) & (group["split"] == "val")].sort_values("alpha")
+        best = val.loc[val["accuracy"] == val["accuracy"].max(), "alpha"].min()  # ties: the smaller alpha
+        assert chosen[0] == best, f"{key}: selected {chosen[0]}, ID val accuracies {val[['alpha', 'accuracy']].values}"
+
+
+def test_calibration_rows_only_for_the_class_subset_run(summary):
+    calibrated = summary[summary["calibration"].isin(["alg", "pcv"])]
+    assert set(zip(calibrated["method"], calibrated["variant"])) == {("full_ft", "absent2")}
+    assert set(calibrated["calibration"]) == {"alg", "pcv"}
+    subset = summary[summary["variant"] == "absent2"]
+    assert (subset.loc[subset["calibration"] == "none", "gamma"] == 0).all()
+    assert np.isfinite(calibrated["gamma"]).all()
+    # absent classes (giraffe, house) are evaluated: every eval split has absent-class examples
+    assert (subset["n_absent"] > 0).all() and (subset["n_seen"] + subset["n_absent"] == subset["n"]).all()
+    others = summary[summary["variant"] != "absent2"]
+    assert (others["n_absent"] == 0).all()
+
+
+def test_every_run_dir_is_complete(session):
+    from robustft.training.run import read_train_log
+
+    config = _resolved(session.config)
+    for method, variants in config["methods"].items():
+        for variant in variants:
+            run_dir = _run_dir(session.workdir, method, variant)
+            for name in ("run.json", "train_log.parquet", "sweep_logits.h5", "metrics.parquet",
+                         "calibration_curve.parquet"):
+                assert (run_dir / name).is_file(), f"{run_dir / name} missing"
+            assert not run_dir.with_name(run_dir.name + ".resume").exists(), "resume folder left after completion"
+            run = json.loads((run_dir / "run.json").read_text())
+            checkpoint = run["checkpoint"]["file"]
+            if method == "zeroshot":
+                assert checkpoint is None and run["checkpoint"]["size_bytes"] == 0
+            else:
+                assert (run_dir / checkpoint).is_file(), f"{run_dir / checkpoint} missing"
+                assert (run_dir / checkpoint).stat().st_size == run["checkpoint"]["size_bytes"]
+                assert len(read_train_log(run_dir)) == run["steps"] > 0
+            versions = run["versions"]
+            assert versions["torch"] == torch.__version__ and versions["numpy"] == np.__version__ and versions["python"]
+            assert isinstance(run["pipeline_commit"], str) and len(run["pipeline_commit"].split("-")[0]) == 40
+            hp = run["hyperparameters"]
+            expected = {**config["training"], **config["methods"][method][variant]}
+            for key in ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "checkpoint_every"):
+                assert hp[key] == expected[key], f"{method}/{variant}: {key} = {hp[key]}, config {expected[key]}"
+            assert hp["protocol"]["kind"] == ("class_subset" if variant == "absent2" else "full")
+            assert run["resumed_at_step"] is None
+    absent = json.loads((_run_dir(session.workdir, "full_ft", "absent2") / "run.json").read_text())
+    assert sorted(absent["absent_classes"]) == ["giraffe", "house"]
+    for fold in range(config["calibration"]["pcv_folds"]):
+        fold_dir = _run_dir(session.workdir, "full_ft", "absent2") / "pcv" / f"fold{fold}"
+        assert (fold_dir / "run.json").is_file() and (fold_dir / "val_logits.h5").is_file()
+
+
+# --------------------------------------------------------------------------------------- 3. WiSE-FT exactness
+
+
+def _sweep(path: Path) -> tuple[list[float], dict]:
+    from robustft.pipeline.analysis import read_sweep_logits
+
+    return read_sweep_logits(path)
+
+
+def _model_and_reference(workdir: Path, config: dict):
+    from robustft.backbones import build_backbone
+    from robustft.evaluation import build_classifier
+    from robustft.pipeline.analysis import reference_state
+
+    backbone = build_backbone(_backbone_spec(config))
+    model = build_classifier(backbone, N_CLASSES)
+    heads = list((workdir / "results" / "reference").rglob("head.safetensors"))
+    assert len(heads) == 1, heads
+    return backbone, model, reference_state(model, heads[0])
+
+
+def _pixels(workdir: Path, split_name: str):
+    from robustft.data.pixels import load_pixel_split
+
+    paths = list((workdir / "results" / "pixels").rglob(f"{split_name}.h5"))
+    assert len(paths) == 1, paths
+    return load_pixel_split(paths[0])
+
+
+def _assert_logits_match(got: np.ndarray, want: np.ndarray, what: str, atol: float) -> None:
+    assert got.shape == want.shape, f"{what}: shapes {got.shape} vs {want.shape}"
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, err_msg=what)
+    agree = got.argmax(1) == want.argmax(1)
+    assert agree.all(), f"{what}: predictions differ on {int((~agree).sum())} of {len(agree)} images"
+
+
+def test_wise_ft_endpoints_of_the_full_ft_sweep(session):
+    from robustft.evaluation import predict_logits
+    from robustft.training.run import load_run_state
+
+    alphas, full = _sweep(_run_dir(session.workdir, "full_ft", "default") / "sweep_logits.h5")
+    _, reference = _sweep(_run_dir(session.workdir, "zeroshot", "default") / "sweep_logits.h5")
+    assert alphas[0] == 0.0 and alphas[-1] == 1.0
+    backbone, model, ref_state = _model_and_reference(session.workdir, session.config)
+    finetuned = load_run_state(_run_dir(session.workdir, "full_ft", "default"), ref_state)
+    assert any(not torch.equal(ref_state[k], finetuned[k]) for k in ref_state if k.startswith("encoder."))
+    model.load_state_dict(finetuned)
+    assert set(full) == set(reference) == {f"{ID_DOMAIN}_val", f"{ID_DOMAIN}_test", *[f"{d}_test" for d in OOD_DOMAINS]}
+    for name, split in full.items():
+        # alpha = 0 is the reference model, i.e. the zeroshot run's predictions
+        zero = split["logits"]["linear"][0]
+        assert np.array_equal(split["labels"], reference[name]["labels"])
+        _assert_logits_match(zero, reference[name]["logits"]["linear"][0], f"{name}: alpha=0 vs reference", 1e-6)
+        # alpha = 1 is the fine-tuned model itself, run on the pixel cache
+        pixels = _pixels(session.workdir, name)
+        assert np.array_equal(pixels.labels.numpy(), split["labels"])
+        own = predict_logits(model, pixels.pixels, backbone.preprocessing, torch.device("cpu"), 256)
+        _assert_logits_match(split["logits"]["linear"][-1], own, f"{name}: alpha=1 vs fine-tuned model", 1e-4)
+        # in between: not simply one of the endpoints
+        assert not np.array_equal(split["logits"]["linear"][1], zero)
+
+
+def test_head_only_sweep_equals_interpolating_full_state_dicts(session):
+    """linear_probe's sweep runs heads on cached features; it must equal theta(alpha) of the whole classifier."""
+    from robustft.evaluation import predict_logits
+    from robustft.interpolation import interpolate_state_dicts
+    from robustft.training.run import load_run_state
+
+    run_dir = _run_dir(session.workdir, "linear_probe", "default")
+    alphas, sweep = _sweep(run_dir / "sweep_logits.h5")
+    with h5py.File(run_dir / "sweep_logits.h5", "r") as handle:
+        assert bool(handle.attrs["head_only"])
+    backbone, model, ref_state = _model_and_reference(session.workdir, session.config)
+    finetuned = load_run_state(run_dir, ref_state)
+    assert not torch.equal(ref_state["head.weight"], finetuned["head.weight"])
+    pixels = {name: _pixels(session.workdir, name) for name in sweep}
+    for i, alpha in enumerate(alphas):
+        model.load_state_dict(interpolate_state_dicts(ref_state, finetuned, alpha))
+        for name, split in sweep.items():
+            own = predict_logits(model, pixels[name].pixels, backbone.preprocessing, torch.device("cpu"), 256)
+            _assert_logits_match(split["logits"]["linear"][i], own, f"{name} alpha={alpha}: features vs pixels", 1e-4)
+
+
+# ------------------------------------------------------------------------------------- 4. rerun only what changed
+
+
+def _dry_run_blocks(proc) -> list[dict]:
+    """(rule, wildcards, reason) of every job a ``snakemake -n`` would run."""
+    jobs, current = [], None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        stripped = line.strip()
+        if (line.startswith("rule ") or line.startswith("localrule ")) and stripped.endswith(":"):
+            current = {"rule": stripped.split()[1].rstrip(":"), "wildcards": {}, "reason": ""}
+            jobs.append(current)
+        elif current is not None and stripped.startswith("reason:"):
+            current["reason"] = stripped[len("reason:"):].strip()
+        elif current is not None and stripped.startswith("wildcards:"):
+            for part in stripped[len("wildcards:"):].split(","):
+                key, _, value = part.strip().partition("=")
+                current["wildcards"][key] = value
+        elif not line.startswith(" "):
+            current = None if not stripped.startswith("[") else current
+    return jobs
+
+
+def test_a_changed_hyperparameter_reruns_only_its_variant(session, tmp_path):
+    config = json.loads(json.dumps(session.config))
+    config["methods"]["full_ft"]["default"]["lr"] = 3.0e-4
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = run_snakemake(session.workdir, "-n", configfile=changed, timeout=300)
+    assert proc.returncode == 0, output_tail(proc)
+    jobs = _dry_run_blocks(proc)
+    stats = dry_run_jobs(proc)
+    assert sum(stats.values()) == len(jobs), (stats, jobs)
+    per_run = {(j["rule"], j["wildcards"].get("method"), j["wildcards"].get("variant")) for j in jobs
+               if j["rule"] not in AFTER_SUMMARY}
+    assert per_run == {(rule, "full_ft", "default") for rule in ("finetune", "sweep", "calibrate")}, \
+        f"would rerun {sorted(per_run)}\n{output_tail(proc)}"
+    assert {j["rule"] for j in jobs} - {"finetune", "sweep", "calibrate"} <= AFTER_SUMMARY
+    assert "summary" in stats
+    # the finetune job reruns because of its params (the variant's resolved settings), not for any other reason.
+    # (`snakemake --list-changes params` is no help here: in Snakemake 9.27 it lists every output that has
+    # metadata, changed or not - persistence.ParamsChange.__or__ keeps the files of an empty change.)
+    finetune = next(j for j in jobs if j["rule"] == "finetune")
+    assert finetune["reason"].startswith("Params have changed since last execution"), finetune["reason"]
+    assert '"lr":0.0003' in finetune["reason"], finetune["reason"]
+
+
+def test_unchanged_config_has_nothing_to_do(session):
+    proc = run_snakemake(session.workdir, "-n", timeout=300)
+    assert proc.returncode == 0, output_tail(proc)
+    assert dry_run_jobs(proc) == {}, (
+        "a no-op rerun would run jobs (did library code or a rule change while the tests ran?)\n" + output_tail(proc))
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ 5. kill and resume
+
+
+@pytest.fixture(scope="module")
+def sub_killed(tmp_path_factory, sub_config) -> SimpleNamespace:
+    """The restricted config, SIGKILLed mid feature extraction, then mid fine-tuning, then run to completion."""
+    assert workflow_profile().get("rerun-incomplete") is True, (
+        "profiles/default/config.yaml no longer sets rerun-incomplete: a plain rerun after a kill then stops at the "
+        "killed job's incomplete output")
+    workdir = tmp_path_factory.mktemp("sub_killed")
+    write_config(workdir, sub_config)
+    rng = random.Random(KILL_SEED)
+    features = workdir / "results" / "features"
+    run_dir = _run_dir(workdir, "full_ft", "default")
+    resume = run_dir.with_name(run_dir.name + ".resume") / "resume.pt"
+    notes = {"kill_seed": KILL_SEED}
+
+    # 1. while a feature cache is being written (its temporary file exists)
+    def feature_tmp() -> list[Path]:
+        return sorted(features.rglob(".*.tmp")) if features.is_dir() else []
+
+    delay = rng.uniform(0.0, 0.3)
+    first = run_and_kill(workdir, lambda: bool(feature_tmp()), delay, SUMMARY)
+    notes["features"] = {"delay_s": round(delay, 3), "killed": first["killed"], "tmp_after_kill": [p.name for p in feature_tmp()],
+                         "complete_after_kill": sorted(p.name for p in features.rglob("*.h5"))}
+    assert first["killed"], f"snakemake ended before any feature extraction was seen ({notes})\n{first['output'][-4000:]}"
+
+    unlock = run_snakemake(workdir, "--unlock", timeout=120)
+    assert unlock.returncode == 0, output_tail(unlock)
+
+    # 2. while full_ft is training (its first resume checkpoint exists, its run.json does not)
+    delay = rng.uniform(0.0, 0.6)
+    second = run_and_kill(workdir, resume.is_file, delay, SUMMARY)
+    saved = torch.load(resume, map_location="cpu", weights_only=True) if resume.is_file() else None
+    notes["finetune"] = {"delay_s": round(delay, 3), "killed": second["killed"],
+                         "run_json_after_kill": (run_dir / "run.json").exists(),
+                         "checkpoint_step": None if saved is None else int(saved["step"])}
+    assert second["killed"] and saved is not None and not (run_dir / "run.json").exists(), \
+        f"the kill did not land inside the fine-tuning job ({notes})\n{second['output'][-4000:]}"
+    del saved
+
+    unlock = run_snakemake(workdir, "--unlock", timeout=120)
+    assert unlock.returncode == 0, output_tail(unlock)
+    # 3. rerun to completion (plain `snakemake`: the profile adds --rerun-incomplete)
+    final = run_pipeline(workdir, SUMMARY)
+    print(f"kill schedule: {notes}")
+    return SimpleNamespace(workdir=workdir, config=sub_config, notes=notes, final=final,
+                           outputs=[first["output"], second["output"]])
+
+
+def test_killed_fine_tuning_resumes_from_its_checkpoint(sub_killed, sub_uninterrupted):
+    from robustft.training.checkpoint import load_safetensors
+    from robustft.training.run import read_train_log
+
+    notes = sub_killed.notes
+    killed_dir = _run_dir(sub_killed.workdir, "full_ft", "default")
+    clean_dir = _run_dir(sub_uninterrupted.workdir, "full_ft", "default")
+    run = json.loads((killed_dir / "run.json").read_text())
+    clean = json.loads((clean_dir / "run.json").read_text())
+    assert run["resumed_at_step"] == notes["finetune"]["checkpoint_step"], f"restarted instead of resuming: {notes}"
+    assert clean["resumed_at_step"] is None
+    assert run["steps"] == clean["steps"] and run["best_val_accuracy"] == clean["best_val_accuracy"], notes
+    assert not killed_dir.with_name(killed_dir.name + ".resume").exists()
+    # the same weights and the same per-step log (but its throughput column) as the uninterrupted run
+    a, b = load_safetensors(killed_dir / "model.safetensors"), load_safetensors(clean_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ after resuming, e.g. {different[:3]} ({notes})"
+    log_a = read_train_log(killed_dir).drop(columns="samples_per_s")
+    log_b = read_train_log(clean_dir).drop(columns="samples_per_s")
+    pd.testing.assert_frame_equal(log_a, log_b, check_exact=True, obj=f"train log ({notes})")
+
+
+def test_killed_pipeline_accepts_no_corrupt_file_and_ends_with_the_same_summary(sub_killed, sub_uninterrupted):
+    from robustft.data.pixels import load_pixel_split
+    from robustft.features import load_features
+
+    notes = sub_killed.notes
+    for kind, loader in (("features", load_features), ("pixels", load_pixel_split)):
+        killed = sorted((sub_killed.workdir / "results" / kind).rglob("*.h5"))
+        clean = sorted((sub_uninterrupted.workdir / "results" / kind).rglob("*.h5"))
+        assert [p.relative_to(sub_killed.workdir) for p in killed] == [p.relative_to(sub_uninterrupted.workdir)
+                                                                       for p in clean]
+        for x, y in zip(killed, clean):
+            got, want = loader(x), loader(y)
+            items = got.items() if isinstance(got, dict) else vars(got).items()
+            for key, value in items:
+                other = want[key] if isinstance(want, dict) else getattr(want, key)
+                assert torch.equal(value, other), f"{x}: {key} differs from the uninterrupted run ({notes})"
+    message = summaries_equal_message(pd.read_parquet(sub_killed.workdir / "results" / "summary.parquet"),
+                                      pd.read_parquet(sub_uninterrupted.workdir / "results" / "summary.parquet"))
+    assert message is None, f"{message} (kill schedule {notes})"
+
+
+def test_kill_leaves_no_temporary_file_in_the_final_outputs(sub_killed):
+    """A SIGKILL cannot clean up after itself; list what it left (for the report), fail only on accepted garbage."""
+    leftovers = sorted(str(p.relative_to(sub_killed.workdir)) for p in (sub_killed.workdir / "results").rglob(".*.tmp"))
+    if leftovers:
+        print(f"temporary files left by SIGKILL (never read): {leftovers}")
+    # whatever was left is named as a temporary file: no final output name was ever given to a partial file
+    for path in leftovers:
+        assert Path(path).name.startswith(".") and path.endswith(".tmp")
+
+
+# ------------------------------------------------------------------------------------------ 6. reproducibility
+
+
+def test_two_runs_of_the_same_config_give_identical_summaries(session, summary, sub_uninterrupted):
+    """The restricted config's runs against the same runs in the session's run (another folder, same settings)."""
+    other = pd.read_parquet(sub_uninterrupted.workdir / "results" / "summary.parquet")
+    mine = summary[[(m, v) in SUB_RUNS for m, v in zip(summary["method"], summary["variant"])]]
+    assert len(mine) == len(other) > 0
+    message = summaries_equal_message(mine, other)
+    assert message is None, message
+    differing = [c for c in TIMING_COLUMNS if not comparable(mine, ())[c].equals(comparable(other, ())[c])]
+    print(f"timing columns that differ between the two runs: {differing}")
+
+
+# --------------------------------------------------------------------------------------- 7. corrupt image input
+
+
+def test_a_corrupt_image_fails_the_manifest_job_and_leaves_nothing(tmp_path):
+    root = tmp_path / "PACS"
+    domains = [ID_DOMAIN, OOD_DOMAINS[0]]
+    for domain in domains:  # a copy made of links, so that one file can be replaced
+        shutil.copytree(PACS_ROOT / domain, root / domain, symlinks=True,
+                        copy_function=lambda src, dst: os.symlink(os.path.realpath(src), dst))
+    victim = sorted((root / ID_DOMAIN / "dog").iterdir())[3]
+    data = victim.read_bytes()
+    victim.unlink()
+    victim.write_bytes(data[: len(data) // 3])  # a truncated JPEG
+    workdir = tmp_path / "work"
+    write_config(workdir, tiny_config({"dataset": {"root": str(root), "ood_domains": [OOD_DOMAINS[0]]}}))
+    proc = run_snakemake(workdir, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output_tail(proc)
+    lines = [line for line in text.splitlines() if line.startswith("robustft: ")]
+    assert lines and str(victim) in lines[0], f"no one-line robustft message naming {victim}:\n{output_tail(proc)}"
+    data_dir = workdir / "results" / "data"
+    assert not list(data_dir.rglob("manifest.parquet")) if data_dir.exists() else True
+    leftovers = list((workdir / "results").rglob(".*.tmp")) if (workdir / "results").exists() else []
+    assert not leftovers, leftovers
+    assert not (workdir / "results" / "pixels").exists()
