@@ -21,6 +21,7 @@ include: "rules/report.smk"
 
 
 localrules:
+    fetch_pacs,
     summary,
     report,
 

@@ -151,16 +151,6 @@ def dry_run_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
     return counts
 
 
-def dry_run_outputs(proc: subprocess.CompletedProcess) -> list[str]:
-    """The ``output:`` paths of the jobs a ``snakemake -n`` would run, in order."""
-    outputs = []
-    for line in (proc.stdout + proc.stderr).splitlines():
-        stripped = line.strip()
-        if stripped.startswith("output:"):
-            outputs.extend(p.strip() for p in stripped[len("output:"):].split(","))
-    return outputs
-
-
 def read_summary(workdir: str | Path):
     """``<workdir>/results/summary.parquet`` as a DataFrame (checked against the documented columns)."""
     from robustft.io.tables import read_table
@@ -194,7 +184,8 @@ def summaries_equal_message(a, b, exclude: Sequence[str] = TIMING_COLUMNS) -> st
             same = np.array([(u == v) or (u != u and v != v) for u, v in zip(x, y)], dtype=bool)
         if not same.all():
             i = int(np.flatnonzero(~same)[0])
-            problems.append(f"{column}: {int((~same).sum())} rows differ, first {a.iloc[i][['method', 'variant', 'eval_domain', 'split', 'alpha', 'calibration']].to_dict()}: {x[i]!r} vs {y[i]!r}")
+            where = a.iloc[i][["method", "variant", "eval_domain", "split", "alpha", "calibration"]].to_dict()
+            problems.append(f"{column}: {int((~same).sum())} rows differ, first {where}: {x[i]!r} vs {y[i]!r}")
     return "; ".join(problems) or None
 
 

@@ -41,6 +41,7 @@ from pipeline_utils import (
     comparable,
     dry_run_jobs,
     output_tail,
+    read_summary,
     run_and_kill,
     run_pipeline,
     run_snakemake,
@@ -107,7 +108,7 @@ def sub_uninterrupted(tmp_path_factory, sub_config) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def summary(session) -> pd.DataFrame:
-    return pd.read_parquet(session.workdir / "results" / "summary.parquet")
+    return read_summary(session.workdir)
 
 
 # ------------------------------------------------------------------------------------------------ 1. dry run, lint
@@ -235,8 +236,9 @@ def test_selected_alpha_is_one_alpha_per_run_chosen_on_id_val(summary):
         # every row of the chosen alpha is flagged, no other row
         assert group["selected_alpha"].to_numpy().tolist() == (group["alpha"] == chosen[0]).to_numpy().tolist()
         val = group[(group["eval_domain"] == ID_DOMAIN) & (group["split"] == "val")].sort_values("alpha")
-        best = val.loc[val["accuracy"] == val["accuracy"].max(), "alpha"].min()  # ties: the smaller alpha
-        assert chosen[0] == best, f"{key}: selected {chosen[0]}, ID val accuracies {val[['alpha', 'accuracy']].values}"
+        # seen-class accuracy (= accuracy without absent classes): absent-class labels never choose alpha
+        best = val.loc[val["seen_accuracy"] == val["seen_accuracy"].max(), "alpha"].min()  # ties: the smaller alpha
+        assert chosen[0] == best, f"{key}: selected {chosen[0]}, ID val accuracies {val[['alpha', 'seen_accuracy']].values}"
 
 
 def test_calibration_rows_only_for_the_class_subset_run(summary):
@@ -317,6 +319,7 @@ def _pixels(workdir: Path, split_name: str):
 
 
 def _assert_logits_match(got: np.ndarray, want: np.ndarray, what: str, atol: float) -> None:
+    """Close (bit-identical on one CPU so far; a tolerance for other thread counts) and the same predictions."""
     assert got.shape == want.shape, f"{what}: shapes {got.shape} vs {want.shape}"
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, err_msg=what)
     agree = got.argmax(1) == want.argmax(1)
@@ -336,15 +339,16 @@ def test_wise_ft_endpoints_of_the_full_ft_sweep(session):
     model.load_state_dict(finetuned)
     assert set(full) == set(reference) == {f"{ID_DOMAIN}_val", f"{ID_DOMAIN}_test", *[f"{d}_test" for d in OOD_DOMAINS]}
     for name, split in full.items():
-        # alpha = 0 is the reference model, i.e. the zeroshot run's predictions
+        # alpha = 0 is the reference model, i.e. the zeroshot run's predictions: both are the reference head on the
+        # same cached features, so bit-identical
         zero = split["logits"]["linear"][0]
         assert np.array_equal(split["labels"], reference[name]["labels"])
-        _assert_logits_match(zero, reference[name]["logits"]["linear"][0], f"{name}: alpha=0 vs reference", 1e-6)
+        assert np.array_equal(zero, reference[name]["logits"]["linear"][0]), f"{name}: alpha=0 is not the reference"
         # alpha = 1 is the fine-tuned model itself, run on the pixel cache
         pixels = _pixels(session.workdir, name)
         assert np.array_equal(pixels.labels.numpy(), split["labels"])
         own = predict_logits(model, pixels.pixels, backbone.preprocessing, torch.device("cpu"), 256)
-        _assert_logits_match(split["logits"]["linear"][-1], own, f"{name}: alpha=1 vs fine-tuned model", 1e-4)
+        _assert_logits_match(split["logits"]["linear"][-1], own, f"{name}: alpha=1 vs fine-tuned model", 1e-5)
         # in between: not simply one of the endpoints
         assert not np.array_equal(split["logits"]["linear"][1], zero)
 
@@ -367,7 +371,7 @@ def test_head_only_sweep_equals_interpolating_full_state_dicts(session):
         model.load_state_dict(interpolate_state_dicts(ref_state, finetuned, alpha))
         for name, split in sweep.items():
             own = predict_logits(model, pixels[name].pixels, backbone.preprocessing, torch.device("cpu"), 256)
-            _assert_logits_match(split["logits"]["linear"][i], own, f"{name} alpha={alpha}: features vs pixels", 1e-4)
+            _assert_logits_match(split["logits"]["linear"][i], own, f"{name} alpha={alpha}: features vs pixels", 1e-5)
 
 
 # ------------------------------------------------------------------------------------- 4. rerun only what changed
@@ -445,11 +449,12 @@ def sub_killed(tmp_path_factory, sub_config) -> SimpleNamespace:
     def feature_tmp() -> list[Path]:
         return sorted(features.rglob(".*.tmp")) if features.is_dir() else []
 
-    delay = rng.uniform(0.0, 0.3)
+    delay = rng.uniform(0.0, 0.15)  # the cache is written within a fraction of a second
     first = run_and_kill(workdir, lambda: bool(feature_tmp()), delay, SUMMARY)
-    notes["features"] = {"delay_s": round(delay, 3), "killed": first["killed"], "tmp_after_kill": [p.name for p in feature_tmp()],
+    notes["features"] = {"delay_s": round(delay, 3), "killed": first["killed"],
+                         "tmp_after_kill": [p.name for p in feature_tmp()],
                          "complete_after_kill": sorted(p.name for p in features.rglob("*.h5"))}
-    assert first["killed"], f"snakemake ended before any feature extraction was seen ({notes})\n{first['output'][-4000:]}"
+    assert first["killed"], f"snakemake ended before a feature extraction was seen ({notes})\n{first['output'][-4000:]}"
 
     unlock = run_snakemake(workdir, "--unlock", timeout=120)
     assert unlock.returncode == 0, output_tail(unlock)
@@ -513,12 +518,12 @@ def test_killed_pipeline_accepts_no_corrupt_file_and_ends_with_the_same_summary(
             for key, value in items:
                 other = want[key] if isinstance(want, dict) else getattr(want, key)
                 assert torch.equal(value, other), f"{x}: {key} differs from the uninterrupted run ({notes})"
-    message = summaries_equal_message(pd.read_parquet(sub_killed.workdir / "results" / "summary.parquet"),
-                                      pd.read_parquet(sub_uninterrupted.workdir / "results" / "summary.parquet"))
+    message = summaries_equal_message(read_summary(sub_killed.workdir),
+                                      read_summary(sub_uninterrupted.workdir))
     assert message is None, f"{message} (kill schedule {notes})"
 
 
-def test_kill_leaves_no_temporary_file_in_the_final_outputs(sub_killed):
+def test_sigkill_leaves_only_temporary_files_behind(sub_killed):
     """A SIGKILL cannot clean up after itself; list what it left (for the report), fail only on accepted garbage."""
     leftovers = sorted(str(p.relative_to(sub_killed.workdir)) for p in (sub_killed.workdir / "results").rglob(".*.tmp"))
     if leftovers:
@@ -533,7 +538,7 @@ def test_kill_leaves_no_temporary_file_in_the_final_outputs(sub_killed):
 
 def test_two_runs_of_the_same_config_give_identical_summaries(session, summary, sub_uninterrupted):
     """The restricted config's runs against the same runs in the session's run (another folder, same settings)."""
-    other = pd.read_parquet(sub_uninterrupted.workdir / "results" / "summary.parquet")
+    other = read_summary(sub_uninterrupted.workdir)
     mine = summary[[(m, v) in SUB_RUNS for m, v in zip(summary["method"], summary["variant"])]]
     assert len(mine) == len(other) > 0
     message = summaries_equal_message(mine, other)

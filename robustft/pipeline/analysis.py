@@ -294,9 +294,13 @@ def _mean_of_domains_ci(corrects: Sequence[np.ndarray], n_boot: int, level: floa
 
 
 def _selected_alpha(summary: pd.DataFrame, id_domain: str) -> pd.Series:
-    """True on rows whose alpha maximises ID *validation* accuracy for their run and calibration (ties: smaller alpha)."""
+    """True on rows whose alpha maximises ID *validation* accuracy for their run and calibration (ties: smaller alpha).
+
+    Only the classes a run was fine-tuned on count (``seen_accuracy``; equal to ``accuracy`` without absent
+    classes): a class-subset run must not choose its alpha with labels of the classes it never saw.
+    """
     val = summary[(summary["eval_domain"] == id_domain) & (summary["split"] == "val")]
-    best = (val.sort_values(["alpha"]).sort_values("accuracy", ascending=False, kind="stable")
+    best = (val.sort_values(["alpha"]).sort_values("seen_accuracy", ascending=False, kind="stable")
             .drop_duplicates(["method", "variant", "seed", "interpolation", "calibration"])
             [["method", "variant", "seed", "interpolation", "calibration", "alpha"]].assign(_best=True))
     merged = summary.merge(best, on=["method", "variant", "seed", "interpolation", "calibration", "alpha"], how="left")

@@ -43,7 +43,8 @@ if ! SLURM_TEST_DIR=$D bash "$HERE/cluster.sh" status >/dev/null 2>&1; then
 fi
 
 STATUS_ARGS=()
-if scontrol show config 2>/dev/null | grep -q '^AccountingStorageType *= *accounting_storage/none'; then
+# (not `scontrol ... | grep -q`: with pipefail, grep's early exit fails the pipe)
+if [[ $(scontrol show config 2>/dev/null) =~ AccountingStorageType\ *=\ *accounting_storage/none ]]; then
     ACCOUNTING=0
     # without slurmdbd, sacct fails and the plugin would poll it forever
     STATUS_ARGS=(--slurm-status-command squeue)
@@ -88,16 +89,23 @@ snakemake_toy() {
 # the Slurm job name of the run in $LOG (the plugin logs "SLURM run ID: <name>")
 run_name() { sed -n 's/.*SLURM run ID: \([A-Za-z0-9_-]*\).*/\1/p' "$LOG" | head -n 1; }
 
-# run_jobs [sacct args]: "id|state|comment|tres|start|end" for each Slurm job of the run
+# run_jobs: "id|state|comment|tres|start|end" for each Slurm job of the run
 run_jobs() {
     local name
     name=$(run_name)
     [[ -n $name ]] || return 1
     if ((ACCOUNTING)); then
         sacct -X -P -n --name "$name" -S "$(date -d '-1 day' +%Y-%m-%dT%H:%M:%S)" \
-            --format=JobIdRaw,State,Comment,AllocTRES,Start,End "$@"
+            --format=JobIdRaw,State,Comment,AllocTRES,Start,End
     else
-        squeue --states=all -h --name "$name" -o '%i|%T|%k|%b|%S|%e'
+        # squeue keeps finished jobs for MinJobAge (300 s); scontrol has the details
+        # (TresPerJob: the --gpus request, e.g. gres:gpu:1)
+        local id
+        for id in $(squeue --states=all -h --name "$name" -o %i); do
+            scontrol show job -o "$id" | tr ' ' '\n' | awk -F= -v id="$id" '
+                { k = $1; sub(/^[^=]*=/, ""); f[k] = $0 }
+                END { print id "|" f["JobState"] "|" f["Comment"] "|" f["TresPerJob"] "|" f["StartTime"] "|" f["EndTime"] }'
+        done
     fi
 }
 
@@ -140,7 +148,7 @@ check_basic() {
     # 4 sweeps, group-components 2 -> 2 group jobs (one GPU each), at the same time:
     # the workstation's limit of one GPU job (profiles/default) does not serialize them
     local groups s1 e1 s2 e2
-    groups=($(printf '%s\n' "${sweep_ids[@]}" | sort -u))
+    mapfile -t groups < <(printf '%s\n' "${sweep_ids[@]}" | sort -u)
     if ((${#groups[@]} != 2)); then
         errors+=("${#groups[@]} group jobs for 4 sweeps, expected 2")
     else
