@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustft.backbones.base import Backbone, Preprocessing
+from robustft.backbones.base import Backbone
 from robustft.data.pixels import PixelSplit
 from robustft.methods import METHODS, get_method
 from robustft.methods.base import resolve_hyperparameters
@@ -29,55 +29,10 @@ from robustft.training.checkpoint import (
 from robustft.training.run import finetune_run, load_run_state, read_train_log
 from robustft.training.schedule import warmup_cosine_factor
 
-CLASSES = ["dog", "cat", "bird"]
+from tiny_backbone import CLASSES, TinyBackbone, tiny_data  # noqa: E402
 TRAINING = {"epochs": 3, "batch_size": 8, "lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 1, "grad_clip": 1.0}
 
 
-# ----------------------------------------------------------------------------------------------- tiny fixtures
-class TinyEncoder(nn.Module):
-    """conv3x3 -> BatchNorm -> ReLU -> conv1x1 -> ReLU -> global mean: (N, 3, 8, 8) -> (N, 12)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.point = nn.Conv2d(8, 12, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.point(torch.relu(self.bn(self.conv(x))))).mean(dim=(2, 3))
-
-
-class TinyBackbone(Backbone):
-    def __init__(self) -> None:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            self._state = TinyEncoder().state_dict()
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(8, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-
-    @property
-    def feature_dim(self) -> int:
-        return 12
-
-    def build_encoder(self) -> nn.Module:
-        encoder = TinyEncoder()
-        encoder.load_state_dict(self._state)
-        return encoder
-
-    def identity(self) -> dict:
-        return {"backbone": "tiny"}
-
-
-def tiny_data(per_class: int = 8, seed: int = 0) -> PixelSplit:
-    """Images whose mean colour depends on the class, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(len(CLASSES)).repeat_interleave(per_class)
-    base = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=torch.float32)[labels]
-    noise = torch.randint(-40, 40, (len(labels), 8, 8, 3), generator=g).float()
-    pixels = (base[:, None, None, :] + noise).clamp(0, 255).to(torch.uint8)
-    return PixelSplit(pixels, labels, torch.arange(len(labels)))
 
 
 def features_of(backbone: Backbone, split: PixelSplit) -> torch.Tensor:
