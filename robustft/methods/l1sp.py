@@ -8,15 +8,12 @@ choice, not a paper's. Weight decay defaults to 0, as for L2-SP.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from robustft.fisher import l1_to_anchor
-from robustft.methods.base import Method, TrainingHyperparameters, detached_copy, split_encoder_head
-
-if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.trainer import Batch, TrainContext
+from robustft.methods.base import TrainingHyperparameters
+from robustft.methods.l2sp import L2SP
 
 
 @dataclass
@@ -26,20 +23,12 @@ class L1SPHyperparameters(TrainingHyperparameters):
     head_strength: float = 1e-5
 
 
-class L1SP(Method):
+class L1SP(L2SP):
+    """L2-SP's anchoring with an L1 distance (loss terms ``l1sp_encoder`` and ``l1sp_head``)."""
+
     name = "l1sp"
     hyperparameters = L1SPHyperparameters
 
-    def prepare(self, model: nn.Module, ctx: "TrainContext") -> nn.Module:
-        model.requires_grad_(True)
-        encoder, head = split_encoder_head(dict(model.named_parameters()))
-        self.encoder_anchor, self.head_anchor = detached_copy(encoder), detached_copy(head)
-        return model
-
-    def loss(self, model: nn.Module, batch: "Batch", ctx: "TrainContext") -> dict[str, Tensor]:
-        encoder, head = split_encoder_head(dict(model.named_parameters()))
-        return {
-            "ce": ctx.cross_entropy(model(batch.inputs), batch.labels),
-            "l1sp_encoder": self.hp.encoder_strength * l1_to_anchor(encoder, self.encoder_anchor),
-            "l1sp_head": self.hp.head_strength * l1_to_anchor(head, self.head_anchor),
-        }
+    def penalty(self, params: dict[str, Tensor], anchor: dict[str, Tensor]) -> Tensor:
+        """‖θ − θ⁰‖₁."""
+        return l1_to_anchor(params, anchor)

@@ -32,6 +32,10 @@ class L2SP(Method):
     name = "l2sp"
     hyperparameters = L2SPHyperparameters
 
+    def penalty(self, params: dict[str, Tensor], anchor: dict[str, Tensor]) -> Tensor:
+        """½‖θ − θ⁰‖² (the ½ of L2-SP's α/2 and β/2)."""
+        return 0.5 * l2_to_anchor(params, anchor)
+
     def prepare(self, model: nn.Module, ctx: "TrainContext") -> nn.Module:
         model.requires_grad_(True)
         encoder, head = split_encoder_head(dict(model.named_parameters()))
@@ -42,6 +46,6 @@ class L2SP(Method):
         encoder, head = split_encoder_head(dict(model.named_parameters()))
         return {
             "ce": ctx.cross_entropy(model(batch.inputs), batch.labels),
-            "l2sp_encoder": 0.5 * self.hp.encoder_strength * l2_to_anchor(encoder, self.encoder_anchor),
-            "l2sp_head": 0.5 * self.hp.head_strength * l2_to_anchor(head, self.head_anchor),
+            f"{self.name}_encoder": self.hp.encoder_strength * self.penalty(encoder, self.encoder_anchor),
+            f"{self.name}_head": self.hp.head_strength * self.penalty(head, self.head_anchor),
         }
