@@ -15,6 +15,7 @@ rule calibrate:
         gamma_source=config["calibration"]["gamma_source"],
         bootstrap=config["eval"]["bootstrap"],
         ci_level=config["eval"]["ci_level"],
+        cpu_threads=config["compute"]["cpu_threads"],
         code=code_version("robustft/calibration.py", "robustft/metrics.py", "robustft/pipeline/analysis.py"),
     log:
         f"results/logs/calibrate/{{method}}/{{variant}}/seed{{seed}}.log",
@@ -38,6 +39,7 @@ rule finetune_pcv:
         backbone=BACKBONE_SPEC,
         settings=variant_params,
         device=config["training"]["device"],
+        cpu_threads=config["compute"]["cpu_threads"],
         folds=config["calibration"]["pcv_folds"],
         fraction=config["calibration"]["pcv_fraction"],
         code=code_version("robustft/training", "robustft/methods", "robustft/models.py", "robustft/fisher.py"),
@@ -67,6 +69,7 @@ rule pcv_logits:
         alphas=config["sweep"]["alphas"],
         batch_size=config["eval"]["batch_size"],
         device=config["training"]["device"],
+        cpu_threads=config["compute"]["cpu_threads"],
         code=code_version("robustft/evaluation.py", "robustft/interpolation.py", "robustft/pipeline/analysis.py"),
     threads: 2
     resources:

@@ -28,6 +28,7 @@ rule features:
         backbone=BACKBONE_SPEC,
         batch_size=config["eval"]["batch_size"],
         device=config["training"]["device"],
+        cpu_threads=config["compute"]["cpu_threads"],
         code=code_version("robustft/backbones", "robustft/features.py"),
     resources:
         gpu=1,

@@ -17,6 +17,7 @@ rule finetune:
         templates=config["backbone"]["templates"],
         settings=variant_params,
         device=config["training"]["device"],
+        cpu_threads=config["compute"]["cpu_threads"],
         code=code_version("robustft/training", "robustft/methods", "robustft/models.py", "robustft/fisher.py"),
     threads: 2
     resources:

@@ -13,6 +13,7 @@ rule reference:
         backbone=BACKBONE_SPEC,
         reference=config["reference"],
         templates=config["backbone"]["templates"],
+        cpu_threads=config["compute"]["cpu_threads"],
         code=code_version("robustft/heads.py", "robustft/backbones"),
     log:
         f"results/logs/reference/{BACKBONE}/{DATASET}.log",

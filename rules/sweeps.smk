@@ -18,6 +18,7 @@ rule sweep:
         fisher_examples=config["sweep"]["fisher_examples"] if config["sweep"]["fisher"] else 0,
         batch_size=config["eval"]["batch_size"],
         device=config["training"]["device"],
+        cpu_threads=config["compute"]["cpu_threads"],
         code=code_version("robustft/evaluation.py", "robustft/interpolation.py", "robustft/pipeline/analysis.py"),
     threads: 2
     resources:

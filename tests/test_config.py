@@ -43,9 +43,10 @@ def test_embedded_config_validates_and_gets_defaults(embedded):
     config = validate_config(embedded)
     schema = load_schema()
     # Values given in config.yaml are kept ...
-    assert config["dataset"]["name"] == "pacs"
-    assert config["backbone"]["image_size"] == 128
-    assert config["dataset"]["max_per_class"] == {"train": 40, "val": 10, "test": 25}
+    assert config["dataset"]["name"] == embedded["dataset"]["name"] == "pacs"
+    assert config["backbone"]["image_size"] == embedded["backbone"]["image_size"]
+    assert config["dataset"]["max_per_class"] == embedded["dataset"]["max_per_class"]
+    assert config["methods"].keys() == embedded["methods"].keys()
     # ... and every missing key gets the schema's default, recursively.
     assert config["dataset"]["on_bad_image"] == "error"
     assert config["dataset"]["workers"] == 2
@@ -55,6 +56,7 @@ def test_embedded_config_validates_and_gets_defaults(embedded):
     assert config["calibration"]["gamma_source"] == "val"
     assert config["eval"]["bootstrap"] == 1000
     assert config["report"]["title"] == "robustft report"
+    assert config["compute"] == {"cpu_threads": 2}
     # The input is not modified in place.
     assert "reference" not in embedded
 

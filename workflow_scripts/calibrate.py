@@ -1,9 +1,12 @@
 """Rule calibrate: ALG / PCV logit-scale calibration and metrics with bootstrap CIs for one run."""
 
+import torch
+
 from robustft.pipeline.analysis import calibrate_stage
 from robustft.pipeline.script_log import rule_log
 
 with rule_log(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
+    torch.set_num_threads(snakemake.params.cpu_threads)  # noqa: F821
     i, p, o = snakemake.input, snakemake.params, snakemake.output  # noqa: F821
     calibrate_stage(i.manifest, i.run, i.logits, p.id_domain, p.gamma_source, p.bootstrap, p.ci_level,
                     o.metrics, o.curve, pcv_fold_logits=list(i.get("pcv", [])))

@@ -6,6 +6,6 @@ from robustft.pipeline.script_log import rule_log
 from robustft.pipeline.stages import features_stage
 
 with rule_log(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
-    torch.set_num_threads(snakemake.threads)  # noqa: F821
+    torch.set_num_threads(snakemake.params.cpu_threads)  # noqa: F821
     p = snakemake.params  # noqa: F821
     features_stage(snakemake.input.pixels, dict(p.backbone), p.batch_size, p.device, snakemake.output.features)  # noqa: F821

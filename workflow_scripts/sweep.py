@@ -6,7 +6,7 @@ from robustft.pipeline.analysis import sweep_stage
 from robustft.pipeline.script_log import rule_log
 
 with rule_log(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
-    torch.set_num_threads(snakemake.threads)  # noqa: F821
+    torch.set_num_threads(snakemake.params.cpu_threads)  # noqa: F821
     i, p = snakemake.input, snakemake.params  # noqa: F821
     sweep_stage(
         i.manifest, dict(p.backbone), i.run, i.reference_head,
