@@ -151,6 +151,21 @@ def dry_run_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
     return counts
 
 
+def expected_jobs(config: dict) -> dict[str, int]:
+    """Rule -> the number of jobs a dry run of ``config`` must list (``report`` aside)."""
+    from robustft.config import resolved_variant, run_table, validate_config
+
+    cfg = validate_config(config)
+    runs = run_table(cfg)
+    subset = sum(resolved_variant(cfg, r["method"], r["variant"])["overrides"]["protocol"]["kind"] == "class_subset"
+                 for r in runs)
+    folds = cfg["calibration"]["pcv_folds"] * subset
+    caches = 3 + len(cfg["dataset"]["ood_domains"])  # ID train/val/test + each OOD domain's test split
+    return {"manifest": 1, "pixel_cache": caches, "features": caches, "reference": 1, "finetune": len(runs),
+            "finetune_pcv": folds, "pcv_logits": folds, "sweep": len(runs), "calibrate": len(runs), "summary": 1,
+            "all": 1}
+
+
 def read_summary(workdir: str | Path):
     """``<workdir>/results/summary.parquet`` as a DataFrame (checked against the documented columns)."""
     from robustft.io.tables import read_table

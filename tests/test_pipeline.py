@@ -40,6 +40,7 @@ from pipeline_utils import (
     TIMING_COLUMNS,
     comparable,
     dry_run_jobs,
+    expected_jobs,
     output_tail,
     read_summary,
     run_and_kill,
@@ -121,26 +122,12 @@ def _embedded_config(workdir: Path) -> dict:
     return config
 
 
-def _expected_jobs(config: dict) -> dict[str, int]:
-    from robustft.config import resolved_variant, run_table
-
-    cfg = _resolved(config)
-    runs = run_table(cfg)
-    subset = sum(resolved_variant(cfg, r["method"], r["variant"])["overrides"]["protocol"]["kind"] == "class_subset"
-                 for r in runs)
-    folds = cfg["calibration"]["pcv_folds"] * subset
-    caches = 3 + len(cfg["dataset"]["ood_domains"])  # ID train/val/test + each OOD domain's test split
-    return {"manifest": 1, "pixel_cache": caches, "features": caches, "reference": 1, "finetune": len(runs),
-            "finetune_pcv": folds, "pcv_logits": folds, "sweep": len(runs), "calibrate": len(runs), "summary": 1,
-            "all": 1}
-
-
 def test_dry_run_of_the_embedded_config_lists_every_job(tmp_path):
     config = _embedded_config(tmp_path)
     proc = run_snakemake(tmp_path, "-n", "--quiet", "rules", timeout=300)
     assert proc.returncode == 0, output_tail(proc)
     jobs = dry_run_jobs(proc)
-    expected = _expected_jobs(config)
+    expected = expected_jobs(config)
     extra = {rule: n for rule, n in jobs.items() if rule not in expected}
     assert {rule: jobs.get(rule, 0) for rule in expected} == expected, f"dry run job counts {jobs}\n{output_tail(proc)}"
     assert set(extra) <= {"report"} and all(n == 1 for n in extra.values()), f"unexpected jobs {extra}"
