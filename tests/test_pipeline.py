@@ -559,3 +559,78 @@ def test_a_corrupt_image_fails_the_manifest_job_and_leaves_nothing(tmp_path):
     leftovers = list((workdir / "results").rglob(".*.tmp")) if (workdir / "results").exists() else []
     assert not leftovers, leftovers
     assert not (workdir / "results" / "pixels").exists()
+
+
+# ------------------------------------------------------------------------------------- bad input through the pipeline
+
+
+def _linked_pacs(root: Path, domains: list[str]) -> Path:
+    """A copy of ``domains`` of PACS made of symbolic links (folders real, so they can be emptied or removed)."""
+    for domain in domains:
+        shutil.copytree(PACS_ROOT / domain, root / domain, symlinks=True,
+                        copy_function=lambda src, dst: os.symlink(os.path.realpath(src), dst))
+    return root
+
+
+def _bad_input_case(case: str, tmp_path: Path) -> tuple[dict, str, list[str]]:
+    """(config, text the one-line message must contain, outputs that must not exist) for one kind of bad input."""
+    domains = [ID_DOMAIN, OOD_DOMAINS[0]]
+    dataset = {"ood_domains": [OOD_DOMAINS[0]]}
+    config = tiny_config({"dataset": dataset})
+    manifest = "results/data/pacs/manifest.parquet"
+    if case == "missing_root":
+        config["dataset"].update(root=str(tmp_path / "nowhere" / "PACS"), fetch=False)  # fetch: tested apart
+        return config, str(tmp_path / "nowhere" / "PACS"), [manifest]
+    root = _linked_pacs(tmp_path / "PACS", domains)
+    config["dataset"]["root"] = str(root)
+    if case == "empty_class_folder":
+        for link in (root / OOD_DOMAINS[0] / "horse").iterdir():
+            link.unlink()
+        return config, str(root / OOD_DOMAINS[0] / "horse"), [manifest]
+    if case == "classes_differ":
+        shutil.rmtree(root / OOD_DOMAINS[0] / "guitar")
+        return config, "guitar", [manifest]
+    if case == "non_image_file":
+        victim = sorted((root / ID_DOMAIN / "house").iterdir())[0]  # same count: replaced, not added
+        victim.unlink()
+        victim.write_text("not an image\n")
+        return config, str(victim), [manifest]
+    if case == "kshot_larger_than_a_class":
+        config["methods"] = {"full_ft": {"k50": {"protocol": {"kind": "kshot", "k": 50}}}}
+        return config, "fewer than k=50", ["results/runs/full_ft/k50/seed0/run.json"]
+    if case == "weights_file_not_a_checkpoint":
+        weights = tmp_path / "weights.bin"
+        weights.write_bytes(b"\x80\x04 not a checkpoint")
+        config["backbone"]["weights"] = str(weights)
+        return config, str(weights), ["results/reference"]
+    if case == "open_clip_tag_offline":
+        config["backbone"] = {"name": "open_clip", "model": "RN50", "pretrained": "openai", "image_size": 64}
+        config["methods"] = {"zeroshot": {"default": {}}}
+        return config, "RN50", ["results/reference"]
+    raise ValueError(case)
+
+
+BAD_INPUTS = ["missing_root", "empty_class_folder", "classes_differ", "non_image_file", "kshot_larger_than_a_class",
+              "weights_file_not_a_checkpoint", "open_clip_tag_offline"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_stops_the_run_with_one_line_and_leaves_no_partial_output(case, tmp_path, monkeypatch):
+    """Each: a non-zero exit, one ``robustft: ...`` line naming the offending file, value or class, no partial file."""
+    config, named, absent = _bad_input_case(case, tmp_path)
+    workdir = tmp_path / "work"
+    write_config(workdir, config)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # open_clip: no network here, and none wanted in a test
+    proc = run_snakemake(workdir, timeout=900)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output_tail(proc)
+    lines = [line for line in text.splitlines() if line.startswith("robustft: ")]
+    assert lines, f"no one-line robustft message:\n{output_tail(proc)}"
+    assert any(named in line for line in lines), f"no message naming {named!r}: {lines}"
+    assert all("\n" not in line and "(log: " in line for line in lines), lines
+    results = workdir / "results"
+    for path in absent:
+        assert not (workdir / path).exists(), f"{path} exists after the failure"
+    leftovers = [p for p in results.rglob("*.tmp")] if results.exists() else []
+    assert not leftovers, leftovers
+    assert not (results / "summary.parquet").exists()
