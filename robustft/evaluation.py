@@ -12,7 +12,7 @@ from torch import nn
 
 from robustft.backbones.base import Backbone, Preprocessing
 from robustft.data.pixels import PixelSplit
-from robustft.features import autocast_for
+from robustft.features import forward_uint8
 from robustft.interpolation import fisher_weighted_interpolation, interpolate_into
 from robustft.models import ClassificationHead, ImageClassifier
 
@@ -39,15 +39,10 @@ def build_classifier(backbone: Backbone, num_classes: int) -> ImageClassifier:
 def predict_logits(
     module: nn.Module, pixels: torch.Tensor, preprocessing: Preprocessing, device: torch.device, batch_size: int
 ) -> np.ndarray:
-    """Logits (float32) of ``module`` on uint8 pixels (N, H, W, 3), in batches."""
+    """Logits (float32) of ``module`` on uint8 pixels (N, H, W, 3), ``batch_size`` at a time (:func:`forward_uint8`)."""
     module.eval()
-    out = []
-    for start in range(0, pixels.shape[0], batch_size):
-        batch = pixels[start : start + batch_size]
-        if device.type == "cuda":
-            batch = batch.pin_memory().to(device, non_blocking=True)
-        with autocast_for(device):
-            out.append(module(preprocessing.normalize(batch)).float().cpu())
+    out = [forward_uint8(module, pixels[start : start + batch_size], preprocessing, device)
+           for start in range(0, pixels.shape[0], batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -14,6 +14,19 @@ from robustft.data.pixels import PIXEL_COLUMNS, iter_pixel_batches
 from robustft.io.arrays import array_writer, load_arrays, open_arrays
 
 FEATURE_COLUMNS = ("features", "labels", "row_ids")
+
+#: On CPU the encoder runs on micro-batches of about this many input pixels (4 images at 224 px, 21 at 96 px): the
+#: activations then stay in the last-level cache. EfficientNet's depthwise convolutions, padding, batch norms and
+#: clamps are memory-bound; a batch of 256 at 224 px streams ~400 MB per layer through DRAM and ran 4x slower per
+#: image on 2 cores (bench/README.md). CUDA runs whole batches.
+CPU_PIXELS_PER_FORWARD = 4 * 224 * 224
+
+
+def cpu_micro_batch(height: int, width: int, pixels_per_forward: int | None = CPU_PIXELS_PER_FORWARD) -> int | None:
+    """Images per CPU forward pass for (height, width) inputs (None: whole batches)."""
+    if not pixels_per_forward:
+        return None
+    return max(1, pixels_per_forward // max(1, height * width))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -31,20 +44,43 @@ def autocast_for(device: torch.device):
 
 
 @torch.inference_mode()
+def forward_uint8(
+    module: nn.Module,
+    pixels: torch.Tensor,
+    preprocessing: Preprocessing,
+    device: torch.device,
+    cpu_pixels_per_forward: int | None = CPU_PIXELS_PER_FORWARD,
+) -> torch.Tensor:
+    """``module(normalize(pixels))`` for uint8 pixels (N, H, W, 3), as a float32 CPU tensor.
+
+    CUDA: one pass over the batch, copied from pinned memory without blocking, in bf16 autocast. CPU: fp32, in
+    micro-batches of :func:`cpu_micro_batch` images, concatenated (the model is in eval mode, so each image's output
+    does not depend on its neighbours).
+    """
+    if device.type == "cuda":
+        pixels = pixels.pin_memory().to(device, non_blocking=True)
+        with autocast_for(device):
+            return module(preprocessing.normalize(pixels)).float().cpu()
+    step = cpu_micro_batch(pixels.shape[1], pixels.shape[2], cpu_pixels_per_forward) or pixels.shape[0]
+    if pixels.shape[0] <= step:
+        return module(preprocessing.normalize(pixels)).float()
+    return torch.cat([module(preprocessing.normalize(pixels[i : i + step])).float()
+                      for i in range(0, pixels.shape[0], step)])
+
+
 def encode_batches(
-    module: nn.Module, batches, preprocessing: Preprocessing, device: torch.device
-):
-    """Yield (module outputs as float32 CPU tensors, labels, row_ids) for each uint8 pixel batch."""
+    module: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    preprocessing: Preprocessing,
+    device: torch.device,
+    cpu_pixels_per_forward: int | None = CPU_PIXELS_PER_FORWARD,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (module outputs as float32 CPU tensors, labels, row_ids) per uint8 pixel batch (:func:`forward_uint8`)."""
     module.eval().to(device)
     if device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
     for pixels, labels, row_ids in batches:
-        if device.type == "cuda":
-            pixels = pixels.pin_memory().to(device, non_blocking=True)
-        x = preprocessing.normalize(pixels)
-        with autocast_for(device):
-            out = module(x)
-        yield out.float().cpu(), labels, row_ids
+        yield forward_uint8(module, pixels, preprocessing, device, cpu_pixels_per_forward), labels, row_ids
 
 
 def extract_features(
@@ -57,8 +93,12 @@ def extract_features(
     device: str = "auto",
     pixel_attrs: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    cpu_pixels_per_forward: int | None = CPU_PIXELS_PER_FORWARD,
 ) -> None:
-    """Encode every image of a pixel cache and write (features, labels, row_ids) atomically, batch by batch."""
+    """Encode every image of a pixel cache and write (features, labels, row_ids) atomically, batch by batch.
+
+    ``batch_size`` images are read at a time; on CPU they are encoded in micro-batches (:func:`forward_uint8`).
+    """
     dev = resolve_device(device)
     with open_arrays(pixel_path, PIXEL_COLUMNS, pixel_attrs) as handle:
         n = int(handle.attrs["n_rows"])
@@ -70,7 +110,8 @@ def extract_features(
     with array_writer(out_path, n, columns, attrs) as out:
         start = 0
         for feats, labels, row_ids in encode_batches(
-            encoder, iter_pixel_batches(pixel_path, batch_size, pixel_attrs), preprocessing, dev
+            encoder, iter_pixel_batches(pixel_path, batch_size, pixel_attrs), preprocessing, dev,
+            cpu_pixels_per_forward,
         ):
             stop = start + feats.shape[0]
             out["features"][start:stop] = feats.numpy()

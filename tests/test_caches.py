@@ -18,13 +18,14 @@ from robustft.data.images import decode_for_cache
 from robustft.data.manifest import select_rows
 from robustft.data.pixels import (
     PIXEL_COLUMNS,
+    compression_pays,
     iter_pixel_batches,
     load_pixel_split,
     pixel_cache_attrs,
     pixel_split_sizes,
     write_pixel_cache,
 )
-from robustft.features import FEATURE_COLUMNS, extract_features, load_features
+from robustft.features import FEATURE_COLUMNS, cpu_micro_batch, extract_features, forward_uint8, load_features
 from robustft.io.arrays import StaleCacheError, array_writer, load_arrays, open_arrays, read_attrs
 from robustft.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 from robustft.io.tables import CorruptArtifactError, read_table, write_table
@@ -271,6 +272,53 @@ def test_feature_extraction_streams_and_matches_a_direct_forward_pass(pixel_cach
     assert _leftovers(features_path.parent) == []
     with h5py.File(features_path, "r") as handle:
         assert set(handle) == set(FEATURE_COLUMNS)
+
+
+def test_cpu_forward_runs_in_micro_batches_with_the_same_outputs(pixel_cache, tmp_path):
+    """On CPU, a read batch is encoded in cache-sized micro-batches; outputs equal one pass over the whole batch."""
+    out, _, pixel_attrs = pixel_cache
+    pixels = load_pixel_split(out, pixel_attrs).pixels  # 14 images of 8 x 8
+    assert cpu_micro_batch(224, 224) == 4 and cpu_micro_batch(96, 96) == 21 and cpu_micro_batch(8, 8, None) is None
+    encoder = TinyEncoder().eval()
+    micro = forward_uint8(encoder, pixels, PRE, torch.device("cpu"), cpu_pixels_per_forward=5 * SIZE * SIZE)
+    assert encoder.batches == [5, 5, 4]
+    whole = forward_uint8(encoder, pixels, PRE, torch.device("cpu"), cpu_pixels_per_forward=None)
+    assert encoder.batches[3:] == [14]
+    torch.testing.assert_close(micro, whole, rtol=1e-5, atol=1e-6)
+    # extract_features passes the setting through: read batches of 8, forwards of 3
+    encoder.batches.clear()
+    extract_features(encoder, out, tmp_path / "f.h5", PRE, {"kind": "features"}, batch_size=8, device="cpu",
+                     pixel_attrs=pixel_attrs, cpu_pixels_per_forward=3 * SIZE * SIZE)
+    assert encoder.batches[1:] == [3, 3, 2, 3, 3]
+
+
+def test_pixel_cache_is_compressed_only_where_it_pays(dataset, tmp_path):
+    """gzip for images that compress well (flat sketches, clip art); raw chunks for noisy, photo-like ones."""
+    rng = np.random.default_rng(0)
+    assert compression_pays(np.full((4, 8, 8, 3), 255, np.uint8))
+    assert not compression_pays(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    assert not compression_pays(np.zeros((0, 8, 8, 3), np.uint8))
+    root = tmp_path / "flat"
+    for class_name in ("a", "b"):
+        for i in range(4):
+            path = root / "dom" / class_name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((20, 20, 3), 250 - i, np.uint8)).save(path)
+    frame, meta = build_manifest(DatasetAdapter(), root, ["dom"], 0.0, 0.0, 0, workers=1)
+    rows = select_rows(frame, "dom", "train")
+    attrs = pixel_cache_attrs(meta["manifest_hash"], PRE.pixel_key, "dom", "train", None)
+    flat = tmp_path / "flat.h5"
+    write_pixel_cache(rows, root, flat, SIZE, "bilinear", attrs, workers=1, batch_size=4)
+    with h5py.File(flat, "r") as handle:
+        assert handle["pixels"].compression == "gzip"
+    assert load_pixel_split(flat, attrs).pixels.shape == (8, SIZE, SIZE, 3)
+    noisy_root, noisy_frame, noisy_meta = dataset  # random pixels: incompressible
+    noisy = tmp_path / "noisy.h5"
+    noisy_attrs = pixel_cache_attrs(noisy_meta["manifest_hash"], PRE.pixel_key, "dom", "train", None)
+    write_pixel_cache(select_rows(noisy_frame, "dom", "train"), noisy_root, noisy, SIZE, "bilinear", noisy_attrs,
+                      workers=1, batch_size=4)
+    with h5py.File(noisy, "r") as handle:
+        assert handle["pixels"].compression is None
 
 
 @pytest.mark.parametrize(

@@ -30,12 +30,17 @@ def _as_stored(value: Any) -> Any:
 
 @contextmanager
 def array_writer(
-    path: str | Path, n_rows: int, columns: Mapping[str, tuple[tuple[int, ...], Any]], attrs: Mapping[str, Any]
+    path: str | Path,
+    n_rows: int,
+    columns: Mapping[str, tuple[tuple[int, ...], Any]],
+    attrs: Mapping[str, Any],
+    filters: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Iterator[h5py.File]:
     """Create an HDF5 file with one dataset per column (shape ``(n_rows, *shape)``), written atomically.
 
-    Chunks hold whole rows so that batched reads and writes touch few chunks. The file is marked
-    ``complete`` only after the caller's block finishes, then renamed into place.
+    Chunks hold whole rows so that batched reads and writes touch few chunks. ``filters``: per column, h5py
+    dataset options such as ``{"compression": "gzip", "compression_opts": 1}`` (reads decompress transparently).
+    The file is marked ``complete`` only after the caller's block finishes, then renamed into place.
     """
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as handle:
@@ -43,7 +48,8 @@ def array_writer(
                 row_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize if shape else 8
                 rows_per_chunk = max(1, min(n_rows, (1 << 20) // max(row_bytes, 1))) if n_rows else 1
                 handle.create_dataset(
-                    name, shape=(n_rows, *shape), dtype=dtype, chunks=(rows_per_chunk, *shape) if n_rows else None
+                    name, shape=(n_rows, *shape), dtype=dtype, chunks=(rows_per_chunk, *shape) if n_rows else None,
+                    **(dict((filters or {}).get(name, {})) if n_rows else {}),
                 )
             for key, value in attrs.items():
                 handle.attrs[key] = _encode(value)
