@@ -171,6 +171,15 @@ def test_kd_teacher_logits_looked_up_equal_the_teacher():
     with torch.no_grad():
         expected = teacher(ctx.normalize(TRAIN.pixels))
     assert torch.allclose(method.teacher_logits, expected, atol=1e-6)
+    # with the run's cached features the teacher needs no image pass: reference head on features, same logits
+    ctx = context(KnowledgeDistillation, {})
+    ctx.train = Split(TRAIN.labels, TRAIN.pixels, TRAIN_FEATURES)
+    method = KnowledgeDistillation(ctx.hp)
+    passes = []
+    model = reference_model()
+    model.encoder.register_forward_hook(lambda *_: passes.append(1))
+    method.prepare(model, ctx)
+    assert passes == [] and torch.allclose(method.teacher_logits, expected, atol=1e-5)
 
 
 def test_ewc_penalty_is_zero_at_pretrained_and_its_gradient_is_lambda_f_delta():

@@ -4,7 +4,9 @@ Loss = (1 − a)·CE(f(x; θ), y) + a·CE(f(x; θ), softmax(f(x; θ₀)/T))·T²
 encoder + reference head) in eval mode. WiSE-FT sweeps a and uses T = 1; a = ``kd_weight`` defaults to 0.5 and
 T = ``temperature`` to 1 (the T² factor of Hinton et al. 2015 is then 1). Label smoothing applies to the label term.
 Without augmentation the teacher's inputs never change, so its logits are computed once before training and looked
-up by example index; with ``augment: flip`` the teacher runs on each (flipped) batch.
+up by example index: from the cached features of the pre-trained encoder when the run has them (reference head on
+features, no image pass at all), else by one pass over the training images. With ``augment: flip`` the teacher
+runs on each (flipped) batch.
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ class KnowledgeDistillation(Method):
         self.teacher: nn.Module | None = None
         self.teacher_logits: Tensor | None = None
         if ctx.hp.augment == "none":
+            from_features = ctx.train.features is not None  # the cache holds this very encoder's outputs
             chunks = []
             with torch.no_grad():
-                for batch in ctx.batches(images=True):
+                for batch in ctx.batches(images=not from_features):
                     with ctx.autocast():
-                        chunks.append(teacher(batch.inputs).float())
+                        chunks.append((teacher.head if from_features else teacher)(batch.inputs).float())
             self.teacher_logits = torch.cat(chunks)
         else:
             self.teacher = teacher
