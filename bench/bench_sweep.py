@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--alphas", type=int, default=11, help="alpha grid size (0, 0.1, ..., 1 for 11)")
     p.add_argument("--batch-size", type=int, default=256, help="eval.batch_size")
+    p.add_argument("--naive-batch-size", type=int, default=32, help="the naive evaluations' plain loop batch")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--no-subprocess", action="store_true", help="skip the one-process-per-alpha naive path")
     p.add_argument("--naive-child", default=None, help=argparse.SUPPRESS)
@@ -63,12 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------------- the naive path
 def naive_one_alpha(spec: dict, head_path: Path, finetuned_path: Path, pixel_paths: dict[str, str], alpha: float,
                     batch_size: int) -> dict:
-    """What a naive per-alpha evaluation does: rebuild, load both states from disk, interpolate, read, predict."""
+    """What a naive per-alpha evaluation does: rebuild, load both states from disk, interpolate, read, predict.
+
+    Prediction is the plain loop of bench_extraction.py (eager, ``torch.no_grad``, ``batch_size`` images at a time),
+    what an evaluation script written without this pipeline does.
+    """
     import torch
 
     from robustft.backbones import build_backbone
     from robustft.data.pixels import load_pixel_split
-    from robustft.evaluation import build_classifier, predict_logits
+    from robustft.evaluation import build_classifier
     from robustft.interpolation import interpolate_state_dicts
     from robustft.training.checkpoint import load_safetensors
 
@@ -82,7 +87,9 @@ def naive_one_alpha(spec: dict, head_path: Path, finetuned_path: Path, pixel_pat
     out = {}
     for name, path in pixel_paths.items():
         pixels = load_pixel_split(path).pixels
-        out[name] = predict_logits(model, pixels, backbone.preprocessing, torch.device("cpu"), batch_size)
+        with torch.no_grad():
+            out[name] = torch.cat([model.eval()(backbone.preprocessing.normalize(pixels[i : i + batch_size]))
+                                   for i in range(0, len(pixels), batch_size)]).numpy()
     return out
 
 
@@ -178,7 +185,7 @@ def main(argv=None) -> None:
             out = {}
             for alpha in alphas:
                 for name, logits in naive_one_alpha(spec, head_path, finetuned_path, pixel_paths, alpha,
-                                                    args.batch_size).items():
+                                                    args.naive_batch_size).items():
                     out[(alpha, name)] = logits
             return out
         return timed(go)
@@ -188,7 +195,7 @@ def main(argv=None) -> None:
             out = {}
             for i, alpha in enumerate(alphas):
                 job = {"spec": spec, "head": str(head_path), "finetuned": str(finetuned_path), "pixels": pixel_paths,
-                       "alpha": alpha, "batch_size": args.batch_size, "out": str(tmp / f"naive_{i}.npz")}
+                       "alpha": alpha, "batch_size": args.naive_batch_size, "out": str(tmp / f"naive_{i}.npz")}
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--naive-child", json.dumps(job),
                        "--threads", str(args.threads)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -208,7 +215,7 @@ def main(argv=None) -> None:
     paths = [
         ("pipeline: one sweep_logits call (as sweep_stage; alpha=0 on cached features)", lambda: pipeline(full_path, True)),
         ("pipeline without cached features (11 forward passes)", lambda: pipeline(full_path, False)),
-        ("naive: 11 evaluations in process (rebuild, load, interpolate, read, predict)", lambda: naive(full_path)),
+        ("naive: 11 evaluations in process (rebuild, load, interpolate, read, plain loop)", lambda: naive(full_path)),
     ]
     if not args.no_subprocess:
         paths.append(("naive: 11 evaluations, one process each", lambda: naive_processes(full_path)))

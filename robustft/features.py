@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -27,6 +28,30 @@ def cpu_micro_batch(height: int, width: int, pixels_per_forward: int | None = CP
     if not pixels_per_forward:
         return None
     return max(1, pixels_per_forward // max(1, height * width))
+
+
+#: Freezing (tracing) takes about a second; smaller caches are encoded eagerly.
+FREEZE_MIN_IMAGES = 64
+
+
+def frozen_for_cpu_inference(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``module`` traced and frozen by TorchScript for CPU inference, or ``module`` itself where that fails.
+
+    Freezing inlines the weights and folds each batch norm into the convolution before it; EfficientNet-Lite0 then
+    encodes 1.3-1.8x faster on 2 cores (bench/README.md). Outputs differ from eager ones by float rounding only
+    (checked on ``example``, normalised inputs (N, 3, H, W), and on other inputs of another batch size); a module
+    that cannot be traced, or whose traced outputs differ by more, is returned as it is.
+    """
+    module.eval()
+    checks = [example, -example[: max(1, example.shape[0] // 2)]]  # other values and another batch size
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")
+            frozen = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
+            same = all(torch.allclose(frozen(x).float(), module(x).float(), rtol=1e-4, atol=1e-4) for x in checks)
+    except Exception:  # noqa: BLE001 - any tracing failure means: run the module eagerly
+        return module
+    return frozen if same else module
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -94,10 +119,12 @@ def extract_features(
     pixel_attrs: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     cpu_pixels_per_forward: int | None = CPU_PIXELS_PER_FORWARD,
+    cpu_freeze: bool = True,
 ) -> None:
     """Encode every image of a pixel cache and write (features, labels, row_ids) atomically, batch by batch.
 
-    ``batch_size`` images are read at a time; on CPU they are encoded in micro-batches (:func:`forward_uint8`).
+    ``batch_size`` images are read at a time; on CPU they are encoded in micro-batches (:func:`forward_uint8`) by
+    the frozen encoder (:func:`frozen_for_cpu_inference`, unless ``cpu_freeze`` is false).
     """
     dev = resolve_device(device)
     with open_arrays(pixel_path, PIXEL_COLUMNS, pixel_attrs) as handle:
@@ -106,6 +133,11 @@ def extract_features(
     with torch.inference_mode():
         probe = encoder.eval()(preprocessing.normalize(torch.zeros(1, preprocessing.image_size, preprocessing.image_size, 3, dtype=torch.uint8)))
         dim = int(probe.shape[-1])
+    if dev.type == "cpu" and cpu_freeze and n >= FREEZE_MIN_IMAGES:
+        size = preprocessing.image_size
+        step = cpu_micro_batch(size, size, cpu_pixels_per_forward) or batch_size
+        example = torch.randn(min(step, n), 3, size, size, generator=torch.Generator().manual_seed(0))
+        encoder = frozen_for_cpu_inference(encoder, example)
     columns = {"features": ((dim,), np.float32), "labels": ((), np.int64), "row_ids": ((), np.int64)}
     with array_writer(out_path, n, columns, attrs) as out:
         start = 0

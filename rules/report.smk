@@ -8,7 +8,7 @@ REPORT_DIR = "results/report"
 
 rule report:
     input:
-        summary=rules.summary.output.summary,
+        summary="results/summary.parquet",
         manifest=MANIFEST,
         curves=[f"{d}/calibration_curve.parquet" for d in run_dirs()],
         train_logs=[f"{d}/train_log.parquet" for d in run_dirs()],

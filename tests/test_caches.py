@@ -25,7 +25,14 @@ from robustft.data.pixels import (
     pixel_split_sizes,
     write_pixel_cache,
 )
-from robustft.features import FEATURE_COLUMNS, cpu_micro_batch, extract_features, forward_uint8, load_features
+from robustft.features import (
+    FEATURE_COLUMNS,
+    cpu_micro_batch,
+    extract_features,
+    forward_uint8,
+    frozen_for_cpu_inference,
+    load_features,
+)
 from robustft.io.arrays import StaleCacheError, array_writer, load_arrays, open_arrays, read_attrs
 from robustft.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 from robustft.io.tables import CorruptArtifactError, read_table, write_table
@@ -290,6 +297,35 @@ def test_cpu_forward_runs_in_micro_batches_with_the_same_outputs(pixel_cache, tm
     extract_features(encoder, out, tmp_path / "f.h5", PRE, {"kind": "features"}, batch_size=8, device="cpu",
                      pixel_attrs=pixel_attrs, cpu_pixels_per_forward=3 * SIZE * SIZE)
     assert encoder.batches[1:] == [3, 3, 2, 3, 3]
+
+
+class FixedBatchEncoder(nn.Module):
+    """Traces into a graph that only works for the example's batch size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :6] * int(x.shape[0])  # the batch size becomes a constant of the trace
+
+
+class TextOutputEncoder(nn.Module):
+    def forward(self, x: torch.Tensor) -> str:
+        return "not a tensor"
+
+
+def test_frozen_cpu_encoder_folds_batch_norms_and_falls_back_where_tracing_fails():
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        encoder[1].running_mean.uniform_(-1, 1)
+        encoder[1].running_var.uniform_(0.5, 2)
+    example = torch.randn(4, 3, SIZE, SIZE)
+    frozen = frozen_for_cpu_inference(encoder, example)
+    assert isinstance(frozen, torch.jit.ScriptModule)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())  # folded into the convolution
+    other = torch.randn(7, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        torch.testing.assert_close(frozen(other), encoder(other), rtol=1e-5, atol=1e-5)
+    for module in (FixedBatchEncoder(), TextOutputEncoder()):
+        assert frozen_for_cpu_inference(module, example) is module
 
 
 def test_pixel_cache_is_compressed_only_where_it_pays(dataset, tmp_path):
