@@ -86,6 +86,32 @@ def base_cmd(workdir: Path, configfile: Path, cores: int, profile: bool = False)
     return cmd if profile else cmd + ["--workflow-profile", "none"]
 
 
+FLOOR_SNAKEFILE = """
+RUNS = [f"r{{i}}" for i in range({runs})]
+rule all:
+    input: expand("out/{{run}}/c.txt", run=RUNS)
+rule a:
+    output: "out/{{run}}/a.txt"
+    {action}
+rule b:
+    input: "out/{{run}}/a.txt"
+    output: "out/{{run}}/b.txt"
+    {action}
+rule c:
+    input: "out/{{run}}/b.txt"
+    output: "out/{{run}}/c.txt"
+    {action}
+"""
+
+
+def write_floor_workflow(folder: Path, runs: int, directive: str) -> None:
+    """A workflow of ``runs`` chains a -> b -> c with one input each: what Snakemake costs per job by itself."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "s.py").write_text("")
+    action = 'script: "s.py"' if directive == "script" else 'shell: "touch {output}"'
+    (folder / "Snakefile").write_text(FLOOR_SNAKEFILE.format(runs=runs, action=action))
+
+
 def job_count(proc: subprocess.CompletedProcess) -> int | None:
     text = proc.stdout + proc.stderr
     match = re.search(r"^total\s+(\d+)", text, re.MULTILINE)
@@ -141,6 +167,15 @@ def main(argv=None) -> None:
             rows.append({"what": "parse only: --list-rules, same config", "jobs": 0, "median s": wall, "best s": best,
                          "max RSS MiB": mib, "target": "", "met": ""})
             print(f"# {label}: {jobs} jobs measured; loadavg {open('/proc/loadavg').read().split()[0]}", flush=True)
+            for directive in ("script", "shell"):  # Snakemake's own floor for as many jobs, same shape
+                floor_dir = tmp / f"floor_{directive}_{target}"
+                write_floor_workflow(floor_dir, -(-(jobs or target) // 3), directive)
+                wall, best, mib, _ = repeat([str(SNAKEMAKE), "--cores", "1", "-n", "-q"], floor_dir, args.repeats,
+                                            f"floor dry run ({directive})")
+                rows.append({"what": f"floor: trivial 3-rule chain per run, `{directive}:` jobs, same job count",
+                             "jobs": 3 * -(-(jobs or target) // 3), "median s": wall, "best s": best,
+                             "max RSS MiB": mib, "target": "", "met": ""})
+                results[f"floor_{directive}_{target}"] = {"median_s": wall, "best_s": best}
 
         if not args.skip_noop:
             workdir = args.keep or tmp / "tiny"
