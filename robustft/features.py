@@ -18,7 +18,7 @@ FEATURE_COLUMNS = ("features", "labels", "row_ids")
 
 #: On CPU the encoder runs on micro-batches of about this many input pixels (4 images at 224 px, 21 at 96 px): the
 #: activations then stay in the last-level cache. EfficientNet's depthwise convolutions, padding, batch norms and
-#: clamps are memory-bound; a batch of 256 at 224 px streams ~400 MB per layer through DRAM and ran 4x slower per
+#: clamps are memory-bound; a batch of 256 at 224 px streams ~400 MB per layer through DRAM and ran 3-6x slower per
 #: image on 2 cores (bench/README.md). CUDA runs whole batches.
 CPU_PIXELS_PER_FORWARD = 4 * 224 * 224
 
@@ -38,7 +38,7 @@ def frozen_for_cpu_inference(module: nn.Module, example: torch.Tensor) -> nn.Mod
     """``module`` traced and frozen by TorchScript for CPU inference, or ``module`` itself where that fails.
 
     Freezing inlines the weights and folds each batch norm into the convolution before it; EfficientNet-Lite0 then
-    encodes 1.3-1.8x faster on 2 cores (bench/README.md). Outputs differ from eager ones by float rounding only
+    encodes 1.15-1.35x faster on 2 cores (bench/README.md). Outputs differ from eager ones by float rounding only
     (checked on ``example``, normalised inputs (N, 3, H, W), and on other inputs of another batch size); a module
     that cannot be traced, or whose traced outputs differ by more, is returned as it is.
     """

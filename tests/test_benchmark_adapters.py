@@ -382,6 +382,9 @@ def test_preset_validates(name):
         assert len(absent) == len(set(absent)) == 100 and set(absent) <= r_wnids
 
 
+DOMAINNET_DOMAINS_USED = ("real", "painting", "clipart", "infograph", "sketch")  # domainnet_real.yaml's
+
+
 @pytest.fixture(scope="module")
 def miniature_roots(imagenet_root, tmp_path_factory) -> dict[str, Path]:
     """dataset name -> a miniature of its on-disk layout (PACS: the real copy the pipeline tests use)."""
@@ -389,9 +392,6 @@ def miniature_roots(imagenet_root, tmp_path_factory) -> dict[str, Path]:
 
     domainnet = _domainnet(tmp_path_factory.mktemp("domainnet"), DOMAINNET_DOMAINS_USED, per_class=(2, 1))
     return {"imagenet": imagenet_root, "domainnet": domainnet, "pacs": PACS_ROOT}
-
-
-DOMAINNET_DOMAINS_USED = ("real", "painting", "clipart", "infograph", "sketch")
 
 
 @pytest.mark.pipeline

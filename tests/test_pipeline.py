@@ -538,11 +538,7 @@ def test_two_runs_of_the_same_config_give_identical_summaries(session, summary, 
 
 
 def test_a_corrupt_image_fails_the_manifest_job_and_leaves_nothing(tmp_path):
-    root = tmp_path / "PACS"
-    domains = [ID_DOMAIN, OOD_DOMAINS[0]]
-    for domain in domains:  # a copy made of links, so that one file can be replaced
-        shutil.copytree(PACS_ROOT / domain, root / domain, symlinks=True,
-                        copy_function=lambda src, dst: os.symlink(os.path.realpath(src), dst))
+    root = _linked_pacs(tmp_path / "PACS", [ID_DOMAIN, OOD_DOMAINS[0]])  # links: one file can be replaced
     victim = sorted((root / ID_DOMAIN / "dog").iterdir())[3]
     data = victim.read_bytes()
     victim.unlink()
