@@ -2,12 +2,14 @@
 
 Eval splits are real PACS images in uint8 pixel caches (default: the demo's sizes, photo val 70 + four test splits of
 140 images at 96 px). The fine-tuned model is the reference model with perturbed weights, stored as a full_ft run
-stores it (``model.safetensors``); the reference head is stored as ``head.safetensors``.
+stores it (``model.safetensors``; parameters moved, batch-norm statistics kept); the reference head is stored as ``head.safetensors``.
 
 * pipeline: what ``sweep_stage`` does: build the classifier once, load both states once, load every eval split
-  (pixels and cached features) once, then ONE ``sweep_logits`` call over all alphas (weights written in place;
-  alpha = 0 is the reference model, evaluated as the reference head on the cached features);
+  (pixels and cached features) once, then ONE ``sweep_logits`` call over all alphas (weights written in place and
+  frozen into a graph traced once; alpha = 0 is the reference model, evaluated as the reference head on the cached
+  features);
 * pipeline without cached features: the same with 11 forward passes (isolates the alpha = 0 shortcut);
+* pipeline, eager model: the same without the per-alpha frozen graph (isolates that);
 * naive, in process: per alpha, rebuild the model (pre-trained weights from disk), load the reference head and the
   fine-tuned state from safetensors, interpolate (``interpolate_state_dicts``), read each eval split from its pixel
   cache, predict;
@@ -150,7 +152,8 @@ def main(argv=None) -> None:
     save_safetensors(head_path, head)
     model = build_classifier(backbone, NUM_CLASSES)
     ref = reference_state(model, head_path)
-    full = {k: (v + 0.01 * v.std().nan_to_num() * torch.randn(v.shape, generator=gen)) if v.is_floating_point() and v.numel() > 1 else v.clone()
+    trained = {name for name, _ in model.named_parameters()}  # parameters move; batch-norm statistics stay valid
+    full = {k: (v + 0.01 * v.std() * torch.randn(v.shape, generator=gen)) if k in trained and v.numel() > 1 else v.clone()
             for k, v in ref.items()}
     full_path = tmp / "full_ft" / "model.safetensors"
     full_path.parent.mkdir()
@@ -161,7 +164,7 @@ def main(argv=None) -> None:
     head_only_path.parent.mkdir()
     save_safetensors(head_only_path, head_only)
 
-    def pipeline(finetuned_path: Path, with_features: bool, with_pixels: bool = True) -> tuple[float, dict]:
+    def pipeline(finetuned_path: Path, with_features: bool, with_pixels: bool = True, freeze: bool = True) -> tuple[float, dict]:
         """sweep_stage's work, timed from the model build to the last logits."""
         def go():
             model = build_classifier(backbone, NUM_CLASSES)
@@ -175,7 +178,9 @@ def main(argv=None) -> None:
                                         feats["features"] if with_features else None))
             out = {}
             for alpha, split, logits in sweep_logits(model, reference, finetuned, alphas, splits, pre,
-                                                     torch.device("cpu"), args.batch_size):
+                                                     torch.device("cpu"), args.batch_size, cpu_freeze=freeze):
+                if not np.isfinite(logits).all():
+                    raise RuntimeError(f"alpha={alpha} {split.name}: non-finite logits (broken synthetic weights)")
                 out[(alpha, split.name)] = logits
             return out
         return timed(go)
@@ -215,6 +220,7 @@ def main(argv=None) -> None:
     paths = [
         ("pipeline: one sweep_logits call (as sweep_stage; alpha=0 on cached features)", lambda: pipeline(full_path, True)),
         ("pipeline without cached features (11 forward passes)", lambda: pipeline(full_path, False)),
+        ("pipeline, eager model (no per-alpha frozen graph)", lambda: pipeline(full_path, True, freeze=False)),
         ("naive: 11 evaluations in process (rebuild, load, interpolate, read, plain loop)", lambda: naive(full_path)),
     ]
     if not args.no_subprocess:

@@ -140,6 +140,11 @@ def eval_feature_paths(wildcards=None):
     return {f"{d}_{s}": feature_path(d, s) for d, s in EVAL_SPLITS}
 
 
+def sweep_fisher_inputs(wildcards):
+    """The ID training pixels, only when the sweep also runs the Fisher-weighted merge."""
+    return {"fisher_pixels": pixel_path(ID_DOMAIN, "train")} if config["sweep"]["fisher"] else {}
+
+
 def is_class_subset(method, variant):
     protocol = {**config["protocol"], **config["methods"][method][variant].get("protocol", {})}
     return protocol["kind"] == "class_subset"

@@ -5,10 +5,10 @@ rule sweep:
     input:
         unpack(lambda wc: {f"pixels_{k}": v for k, v in eval_pixel_paths().items()}),
         unpack(lambda wc: {f"features_{k}": v for k, v in eval_feature_paths().items()}),
+        unpack(sweep_fisher_inputs),
         manifest=MANIFEST,
         run=f"{RUN_DIR}/run.json",
         reference_head=REFERENCE_HEAD,
-        fisher_pixels=pixel_path(ID_DOMAIN, "train"),
     output:
         logits=f"{RUN_DIR}/sweep_logits.h5",
     params:

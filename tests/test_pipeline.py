@@ -415,6 +415,31 @@ def test_unchanged_config_has_nothing_to_do(session):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+def test_fisher_sweep_reruns_only_the_sweeps_and_shares_the_linear_end_points(session, tmp_path):
+    """``sweep.fisher`` adds the Fisher-weighted merge: only the sweeps (and what reads them) rerun, the sweep now
+    reads the ID training pixels, and the merge's end points are the reference and the fine-tuned model."""
+    workdir = tmp_path / "fisher"
+    shutil.copytree(session.workdir, workdir, symlinks=True)  # keeps mtimes; .snakemake's metadata comes along
+    config = json.loads(json.dumps(session.config))
+    config.setdefault("sweep", {}).update(fisher=True, fisher_examples=16)
+    write_config(workdir, config)
+    proc = run_snakemake(workdir, "-n", timeout=300)
+    assert proc.returncode == 0, output_tail(proc)
+    per_run = {j["rule"] for j in _dry_run_blocks(proc)} - AFTER_SUMMARY
+    assert per_run == {"sweep", "calibrate"}, f"would rerun {sorted(per_run)}\n{output_tail(proc)}"
+    run_pipeline(workdir, SUMMARY)
+    alphas, sweep = _sweep(_run_dir(workdir, "full_ft", "default") / "sweep_logits.h5")
+    for name, split in sweep.items():
+        fisher, linear = split["logits"]["fisher"], split["logits"]["linear"]
+        assert fisher.shape == linear.shape == (len(alphas), len(split["labels"]), N_CLASSES)
+        assert np.array_equal(fisher[0], linear[0]), f"{name}: alpha=0 is not the reference model"
+        _assert_logits_match(fisher[-1], linear[-1], f"{name}: alpha=1 is not the fine-tuned model", 1e-4)
+    rows = read_summary(workdir)
+    fisher_runs = set(rows.loc[rows["interpolation"] == "fisher", "method"])
+    assert fisher_runs == {"full_ft"}, f"Fisher rows for {sorted(fisher_runs)} (head-only runs have no Fisher merge)"
+    assert set(rows.loc[rows["interpolation"] == "linear", "method"]) == {"zeroshot", "linear_probe", "full_ft"}
+
+
 # ------------------------------------------------------------------------------------------ 5. kill and resume
 
 

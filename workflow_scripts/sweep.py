@@ -12,5 +12,5 @@ with rule_log(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
         i.manifest, dict(p.backbone), i.run, i.reference_head,
         {s: i[f"pixels_{s}"] for s in p.splits}, {s: i[f"features_{s}"] for s in p.splits},
         p.alphas, p.batch_size, p.device, snakemake.output.logits,  # noqa: F821
-        fisher_pixels=i.fisher_pixels, fisher_examples=p.fisher_examples,
+        fisher_pixels=i.get("fisher_pixels"), fisher_examples=p.fisher_examples,
     )
