@@ -122,7 +122,8 @@ def extract(encoder, pixels: Path, out: Path, preprocessing, batch_size: int, de
     from robustft.features import CPU_PIXELS_PER_FORWARD, extract_features
 
     extract_features(encoder, pixels, out, preprocessing, {"kind": "features"}, batch_size, device,
-                     cpu_pixels_per_forward=CPU_PIXELS_PER_FORWARD if optimised else None, cpu_freeze=optimised)
+                     cpu_pixels_per_forward=CPU_PIXELS_PER_FORWARD if optimised else None,
+                     cpu_freeze_min_pixels=0 if optimised else None)
     sync(device if not isinstance(device, str) else __import__("torch").device(device))
 
 

@@ -118,6 +118,7 @@ def main(argv=None) -> None:
     from robustft.backbones import build_backbone
     from robustft.data.pixels import load_pixel_split, pixel_cache_attrs, write_pixel_cache
     from robustft.evaluation import EvalSplit, build_classifier, sweep_logits
+    from robustft.features import FREEZE_MIN_PIXELS
     from robustft.features import extract_features, load_features
     from robustft.pipeline.analysis import reference_state
     from robustft.training.checkpoint import load_safetensors, save_safetensors
@@ -178,7 +179,8 @@ def main(argv=None) -> None:
                                         feats["features"] if with_features else None))
             out = {}
             for alpha, split, logits in sweep_logits(model, reference, finetuned, alphas, splits, pre,
-                                                     torch.device("cpu"), args.batch_size, cpu_freeze=freeze):
+                                                     torch.device("cpu"), args.batch_size,
+                                                     cpu_freeze_min_pixels=FREEZE_MIN_PIXELS if freeze else None):
                 if not np.isfinite(logits).all():
                     raise RuntimeError(f"alpha={alpha} {split.name}: non-finite logits (broken synthetic weights)")
                 out[(alpha, split.name)] = logits

@@ -12,7 +12,7 @@ from torch import nn
 
 from robustft.backbones.base import Backbone, Preprocessing
 from robustft.data.pixels import PixelSplit
-from robustft.features import FREEZE_MIN_IMAGES, CpuInferenceGraph, cpu_micro_batch, forward_uint8
+from robustft.features import FREEZE_MIN_PIXELS, CpuInferenceGraph, cpu_micro_batch, forward_uint8
 from robustft.interpolation import fisher_weighted_interpolation, interpolate_into
 from robustft.models import ClassificationHead, ImageClassifier
 
@@ -61,14 +61,14 @@ def sweep_logits(
     device: torch.device,
     batch_size: int,
     fisher: tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]] | None = None,
-    cpu_freeze: bool = True,
+    cpu_freeze_min_pixels: int | None = FREEZE_MIN_PIXELS,
 ) -> Iterator[tuple[float, EvalSplit, np.ndarray]]:
     """Yield (alpha, split, logits) for every alpha and split (WiSE-FT, Wortsman et al. 2022, Eq. 1).
 
     The model is loaded once; each alpha's weights are written into its parameters in place. On CPU, with at least
-    :data:`FREEZE_MIN_IMAGES` images to encode per alpha, the model is traced once and each alpha's weights are
-    frozen into that graph (:class:`CpuInferenceGraph`; ``cpu_freeze=False`` runs it eagerly). When the encoder is untouched (head-only methods) only the
-    head is interpolated and applied to cached features.
+    ``cpu_freeze_min_pixels`` input pixels to encode per alpha (None: never), the model is traced once and each
+    alpha's weights are frozen into that graph (:class:`CpuInferenceGraph`). When the encoder is untouched
+    (head-only methods) only the head is interpolated and applied to cached features.
     ``fisher`` = (F_reference, F_finetuned) switches to the Fisher-weighted merge of the reference code.
     """
     reference = {k: v.to(device) for k, v in reference.items()}
@@ -83,7 +83,7 @@ def sweep_logits(
     graph = None
     if not head_only:
         model.load_state_dict(dict(reference))  # buffers not in ``live`` stay consistent
-        graph = _cpu_graph(model, splits, device) if cpu_freeze else None
+        graph = _cpu_graph(model, splits, device, cpu_freeze_min_pixels)
     for alpha in alphas:
         if alpha == 0.0 and not head_only and all(s.features is not None for s in splits):
             # theta(0) is the reference model: pre-trained encoder + reference head, i.e. the head on cached features.
@@ -111,10 +111,12 @@ def sweep_logits(
             yield float(alpha), split, logits
 
 
-def _cpu_graph(model: nn.Module, splits: Sequence[EvalSplit], device: torch.device) -> CpuInferenceGraph | None:
-    """A traced graph of ``model`` for the sweep's CPU passes, or None (CUDA, or too few images to pay the trace)."""
+def _cpu_graph(
+    model: nn.Module, splits: Sequence[EvalSplit], device: torch.device, min_pixels: int | None
+) -> CpuInferenceGraph | None:
+    """A traced graph of ``model`` for the sweep's CPU passes, or None (CUDA, or too few pixels to pay for it)."""
     shapes = [s.pixels.pixels.shape for s in splits if s.pixels is not None]
-    if device.type != "cpu" or sum(shape[0] for shape in shapes) < FREEZE_MIN_IMAGES:
+    if device.type != "cpu" or min_pixels is None or sum(n * h * w for n, h, w, _ in shapes) < min_pixels:
         return None
     height, width = shapes[0][1], shapes[0][2]
     example = torch.randn(cpu_micro_batch(height, width) or 8, 3, height, width, generator=torch.Generator().manual_seed(0))

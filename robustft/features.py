@@ -30,8 +30,11 @@ def cpu_micro_batch(height: int, width: int, pixels_per_forward: int | None = CP
     return max(1, pixels_per_forward // max(1, height * width))
 
 
-#: Tracing takes about 0.4 s and each freeze 0.1 s (EfficientNet-Lite0); smaller image sets are encoded eagerly.
-FREEZE_MIN_IMAGES = 64
+#: CPU passes over fewer input pixels than this run eagerly: tracing costs about 0.4 s and each freeze (with its
+#: check and the graph's first, profiling calls) 0.1-0.2 s, while a frozen EfficientNet-Lite0 saves 15-50 % of the
+#: eager time. 3 M pixels is 60 images at 224 px, 325 at 96 px, 730 at 64 px (bench/README.md: a sweep of 133
+#: images at 64 px ran 1.5x slower frozen than eager; 630 at 96 px 1.17x faster).
+FREEZE_MIN_PIXELS = 3_000_000
 
 
 def _outputs_agree(a: nn.Module, b: nn.Module, inputs: Iterable[torch.Tensor]) -> bool:
@@ -158,12 +161,13 @@ def extract_features(
     pixel_attrs: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     cpu_pixels_per_forward: int | None = CPU_PIXELS_PER_FORWARD,
-    cpu_freeze: bool = True,
+    cpu_freeze_min_pixels: int | None = FREEZE_MIN_PIXELS,
 ) -> None:
     """Encode every image of a pixel cache and write (features, labels, row_ids) atomically, batch by batch.
 
     ``batch_size`` images are read at a time; on CPU they are encoded in micro-batches (:func:`forward_uint8`) by
-    the frozen encoder (:func:`frozen_for_cpu_inference`, unless ``cpu_freeze`` is false).
+    the frozen encoder (:func:`frozen_for_cpu_inference`) where the cache holds at least ``cpu_freeze_min_pixels``
+    input pixels (None: never).
     """
     dev = resolve_device(device)
     with open_arrays(pixel_path, PIXEL_COLUMNS, pixel_attrs) as handle:
@@ -172,8 +176,8 @@ def extract_features(
     with torch.inference_mode():
         probe = encoder.eval()(preprocessing.normalize(torch.zeros(1, preprocessing.image_size, preprocessing.image_size, 3, dtype=torch.uint8)))
         dim = int(probe.shape[-1])
-    if dev.type == "cpu" and cpu_freeze and n >= FREEZE_MIN_IMAGES:
-        size = preprocessing.image_size
+    size = preprocessing.image_size
+    if dev.type == "cpu" and cpu_freeze_min_pixels is not None and n * size * size >= cpu_freeze_min_pixels:
         step = cpu_micro_batch(size, size, cpu_pixels_per_forward) or batch_size
         example = torch.randn(min(step, n), 3, size, size, generator=torch.Generator().manual_seed(0))
         encoder = frozen_for_cpu_inference(encoder, example)

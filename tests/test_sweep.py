@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from robustft.evaluation import EvalSplit, build_classifier, predict_logits, sweep_logits
-from robustft.features import FREEZE_MIN_IMAGES, CpuInferenceGraph
+from robustft.features import CpuInferenceGraph
 from robustft.interpolation import interpolate_state_dicts
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -34,12 +34,12 @@ def _states(model: nn.Module) -> tuple[dict, dict]:
     return reference, finetuned
 
 
-@pytest.mark.parametrize("cpu_freeze", [True, False])
-def test_every_alpha_is_the_interpolated_model(cpu_freeze, monkeypatch):
+@pytest.mark.parametrize("min_pixels", [0, None, 10**9])
+def test_every_alpha_is_the_interpolated_model(min_pixels, monkeypatch):
     backbone = TinyBackbone()
     model = build_classifier(backbone, len(CLASSES)).eval()
     reference, finetuned = _states(model)
-    data = tiny_data(per_class=FREEZE_MIN_IMAGES // len(CLASSES) + 1)
+    data = tiny_data(per_class=4)
     split = EvalSplit("photo_test", "photo", "test", data.labels.numpy(), pixels=data)
     frozen_graphs = []
     real_frozen = CpuInferenceGraph.frozen
@@ -52,9 +52,11 @@ def test_every_alpha_is_the_interpolated_model(cpu_freeze, monkeypatch):
     monkeypatch.setattr(CpuInferenceGraph, "frozen", recording_frozen)
     alphas = [0.0, 0.25, 0.5, 1.0]
     got = {alpha: logits for alpha, _, logits in sweep_logits(
-        model, reference, finetuned, alphas, [split], backbone.preprocessing, CPU, batch_size=16, cpu_freeze=cpu_freeze)}
-    # one frozen graph per alpha when freezing, none otherwise (the tiny encoder traces and freezes exactly)
-    assert frozen_graphs == ([True] * len(alphas) if cpu_freeze else [])
+        model, reference, finetuned, alphas, [split], backbone.preprocessing, CPU, batch_size=16,
+        cpu_freeze_min_pixels=min_pixels)}
+    # one frozen graph per alpha where the alpha's pixels reach the threshold (the tiny encoder freezes exactly),
+    # none below it or when freezing is off
+    assert frozen_graphs == ([True] * len(alphas) if min_pixels == 0 else [])
     check = build_classifier(backbone, len(CLASSES)).eval()
     for alpha in alphas:
         check.load_state_dict(interpolate_state_dicts(reference, finetuned, alpha))
@@ -100,11 +102,12 @@ def test_fisher_sweep_is_the_fisher_weighted_merge_at_every_alpha():
     g = torch.Generator().manual_seed(2)
     params = [name for name, _ in model.named_parameters()]
     fishers = tuple({k: torch.rand(reference[k].shape, generator=g) for k in params} for _ in range(2))
-    data = tiny_data(per_class=FREEZE_MIN_IMAGES // len(CLASSES) + 1)
+    data = tiny_data(per_class=4)
     split = EvalSplit("photo_val", "photo", "val", data.labels.numpy(), pixels=data)
     alphas = [0.0, 0.5, 1.0]
     got = {alpha: logits for alpha, _, logits in sweep_logits(
-        model, reference, finetuned, alphas, [split], backbone.preprocessing, CPU, batch_size=16, fisher=fishers)}
+        model, reference, finetuned, alphas, [split], backbone.preprocessing, CPU, batch_size=16, fisher=fishers,
+        cpu_freeze_min_pixels=0)}
     check = build_classifier(backbone, len(CLASSES)).eval()
     for alpha in alphas:
         merged = fisher_weighted_interpolation(reference, finetuned, fishers[0], fishers[1], alpha)
