@@ -46,8 +46,8 @@ class CpuInferenceGraph:
 
     The trace shares the module's parameters, so a caller that rewrites them in place (the WiSE-FT sweep, once per
     alpha) calls :meth:`frozen` again and gets a graph with the new weights for about 0.1 s, not a new trace.
-    Freezing folds each batch norm into the convolution before it: EfficientNet-Lite0 then runs 1.4-2x faster on
-    2 cores than eagerly (bench/README.md). Where tracing fails, or a frozen graph's outputs differ from the module's
+    Freezing folds each batch norm into the convolution before it: EfficientNet-Lite0 then runs 1.15-1.35x faster
+    on 2 cores than eagerly (bench/README.md). Where tracing fails, or a frozen graph's outputs differ from the module's
     by more than float rounding, :meth:`frozen` returns the module itself.
     """
 
