@@ -6,8 +6,8 @@ absolute, through the default workflow profile as ``make demo`` does:
 
 Peak memory two ways: ``/usr/bin/time -v``'s "maximum resident set size" (the largest single process of the tree)
 and the peak of the summed RSS of snakemake and all its descendants, sampled with psutil every ``--interval`` s.
-Then times a no-op rerun of the finished demo (median of 3). Also reports how the wall time splits over the rules (from snakemake's job start/finish lines) and the runs'
-own ``wall_time_s``.
+Then times a no-op rerun of the finished demo (median of 3). Also reports how the wall time splits over the rules
+(from snakemake's job start/finish lines) and the runs' own ``wall_time_s``.
 
 Example: ``python bench/bench_demo.py --cores 2`` (about 15 minutes on 2 cores; run it alone, last, once)
 """

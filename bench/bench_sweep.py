@@ -118,8 +118,7 @@ def main(argv=None) -> None:
     from robustft.backbones import build_backbone
     from robustft.data.pixels import load_pixel_split, pixel_cache_attrs, write_pixel_cache
     from robustft.evaluation import EvalSplit, build_classifier, sweep_logits
-    from robustft.features import FREEZE_MIN_PIXELS
-    from robustft.features import extract_features, load_features
+    from robustft.features import FREEZE_MIN_PIXELS, extract_features, load_features
     from robustft.pipeline.analysis import reference_state
     from robustft.training.checkpoint import load_safetensors, save_safetensors
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from robustft.backbones.base import Backbone, Preprocessing
 from robustft.data.pixels import PixelSplit
-from robustft.features import FREEZE_MIN_PIXELS, CpuInferenceGraph, cpu_micro_batch, forward_uint8
+from robustft.features import FREEZE_MIN_PIXELS, CpuInferenceGraph, cpu_inference_graph, forward_uint8
 from robustft.interpolation import fisher_weighted_interpolation, interpolate_into
 from robustft.models import ClassificationHead, ImageClassifier
 
@@ -114,10 +114,8 @@ def sweep_logits(
 def _cpu_graph(
     model: nn.Module, splits: Sequence[EvalSplit], device: torch.device, min_pixels: int | None
 ) -> CpuInferenceGraph | None:
-    """A traced graph of ``model`` for the sweep's CPU passes, or None (CUDA, or too few pixels to pay for it)."""
+    """:func:`cpu_inference_graph` for one alpha's pass over every split's pixels."""
     shapes = [s.pixels.pixels.shape for s in splits if s.pixels is not None]
-    if device.type != "cpu" or min_pixels is None or sum(n * h * w for n, h, w, _ in shapes) < min_pixels:
+    if not shapes:
         return None
-    height, width = shapes[0][1], shapes[0][2]
-    example = torch.randn(cpu_micro_batch(height, width) or 8, 3, height, width, generator=torch.Generator().manual_seed(0))
-    return CpuInferenceGraph(model, example)
+    return cpu_inference_graph(model, sum(shape[0] for shape in shapes), shapes[0][1], shapes[0][2], device, min_pixels)

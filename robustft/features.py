@@ -87,13 +87,24 @@ class CpuInferenceGraph:
         return frozen
 
 
-def frozen_for_cpu_inference(module: nn.Module, example: torch.Tensor) -> nn.Module:
-    """``module`` traced and frozen by TorchScript for CPU inference, or ``module`` itself where that fails.
-
-    Outputs differ from eager ones by float rounding only (checked on ``example``, normalised inputs (N, 3, H, W),
-    and on other inputs of another batch size). See :class:`CpuInferenceGraph`.
-    """
-    return CpuInferenceGraph(module, example).frozen()
+def cpu_inference_graph(
+    module: nn.Module,
+    n_images: int,
+    height: int,
+    width: int,
+    device: torch.device,
+    min_pixels: int | None = FREEZE_MIN_PIXELS,
+    pixels_per_forward: int | None = CPU_PIXELS_PER_FORWARD,
+    whole_batch: int | None = None,
+) -> CpuInferenceGraph | None:
+    """``module`` traced for a CPU pass over ``n_images`` (height, width) images, on an example micro-batch (or
+    ``whole_batch`` images where there are no micro-batches); None on CUDA, with ``min_pixels`` None, or where the
+    pass has fewer than ``min_pixels`` input pixels (:data:`FREEZE_MIN_PIXELS`)."""
+    if device.type != "cpu" or min_pixels is None or n_images * height * width < min_pixels:
+        return None
+    step = cpu_micro_batch(height, width, pixels_per_forward) or whole_batch or n_images
+    example = torch.randn(min(step, n_images), 3, height, width, generator=torch.Generator().manual_seed(0))
+    return CpuInferenceGraph(module, example)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -166,7 +177,7 @@ def extract_features(
     """Encode every image of a pixel cache and write (features, labels, row_ids) atomically, batch by batch.
 
     ``batch_size`` images are read at a time; on CPU they are encoded in micro-batches (:func:`forward_uint8`) by
-    the frozen encoder (:func:`frozen_for_cpu_inference`) where the cache holds at least ``cpu_freeze_min_pixels``
+    the frozen encoder (:func:`cpu_inference_graph`) where the cache holds at least ``cpu_freeze_min_pixels``
     input pixels (None: never).
     """
     dev = resolve_device(device)
@@ -177,10 +188,9 @@ def extract_features(
         probe = encoder.eval()(preprocessing.normalize(torch.zeros(1, preprocessing.image_size, preprocessing.image_size, 3, dtype=torch.uint8)))
         dim = int(probe.shape[-1])
     size = preprocessing.image_size
-    if dev.type == "cpu" and cpu_freeze_min_pixels is not None and n * size * size >= cpu_freeze_min_pixels:
-        step = cpu_micro_batch(size, size, cpu_pixels_per_forward) or batch_size
-        example = torch.randn(min(step, n), 3, size, size, generator=torch.Generator().manual_seed(0))
-        encoder = frozen_for_cpu_inference(encoder, example)
+    graph = cpu_inference_graph(encoder, n, size, size, dev, cpu_freeze_min_pixels, cpu_pixels_per_forward, batch_size)
+    if graph is not None:
+        encoder = graph.frozen()
     columns = {"features": ((dim,), np.float32), "labels": ((), np.int64), "row_ids": ((), np.int64)}
     with array_writer(out_path, n, columns, attrs) as out:
         start = 0

@@ -27,10 +27,10 @@ from robustft.data.pixels import (
 )
 from robustft.features import (
     FEATURE_COLUMNS,
+    CpuInferenceGraph,
     cpu_micro_batch,
     extract_features,
     forward_uint8,
-    frozen_for_cpu_inference,
     load_features,
 )
 from robustft.io.arrays import StaleCacheError, array_writer, load_arrays, open_arrays, read_attrs
@@ -318,14 +318,14 @@ def test_frozen_cpu_encoder_folds_batch_norms_and_falls_back_where_tracing_fails
         encoder[1].running_mean.uniform_(-1, 1)
         encoder[1].running_var.uniform_(0.5, 2)
     example = torch.randn(4, 3, SIZE, SIZE)
-    frozen = frozen_for_cpu_inference(encoder, example)
+    frozen = CpuInferenceGraph(encoder, example).frozen()
     assert isinstance(frozen, torch.jit.ScriptModule)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())  # folded into the convolution
     other = torch.randn(7, 3, SIZE, SIZE)
     with torch.inference_mode():
         torch.testing.assert_close(frozen(other), encoder(other), rtol=1e-5, atol=1e-5)
     for module in (FixedBatchEncoder(), TextOutputEncoder()):
-        assert frozen_for_cpu_inference(module, example) is module
+        assert CpuInferenceGraph(module, example).frozen() is module
 
 
 def test_pixel_cache_is_compressed_only_where_it_pays(dataset, tmp_path):
