@@ -117,13 +117,14 @@ def build_cache(rows, root: Path, out: Path, preprocessing, workers: int) -> Non
 
 
 def extract(encoder, pixels: Path, out: Path, preprocessing, batch_size: int, device: str,
-            optimised: bool = True) -> None:
-    """``extract_features``; ``optimised=False``: without the CPU micro-batches and the frozen encoder."""
+            optimised: bool = True, prefetch: int = 2) -> None:
+    """``extract_features``; ``optimised=False``: without the CPU micro-batches and the frozen encoder;
+    ``prefetch=0``: the pixel cache read inline, not ahead by the reader thread."""
     from robustft.features import CPU_PIXELS_PER_FORWARD, extract_features
 
     extract_features(encoder, pixels, out, preprocessing, {"kind": "features"}, batch_size, device,
                      cpu_pixels_per_forward=CPU_PIXELS_PER_FORWARD if optimised else None,
-                     cpu_freeze_min_pixels=0 if optimised else None)
+                     cpu_freeze_min_pixels=0 if optimised else None, prefetch=prefetch)
     sync(device if not isinstance(device, str) else __import__("torch").device(device))
 
 
@@ -304,6 +305,8 @@ def main(argv=None) -> None:
         out = tmp / f"features_{rep}.h5"
         record("extract", timed(lambda: extract(encoder, cache, out, pre, args.batch_size, args.device))[0])
         out.unlink()
+        record("extract, inline read", timed(lambda: extract(encoder, cache, out, pre, args.batch_size, args.device, prefetch=0))[0])
+        out.unlink()
         if device.type == "cpu":  # the same without CPU micro-batching: one forward per 256-image read batch
             record("extract, no micro-batch",
                    timed(lambda: extract(encoder, cache, out, pre, args.batch_size, args.device, False))[0])
@@ -338,6 +341,9 @@ def main(argv=None) -> None:
         t = best["extract, no micro-batch"]
         rows_out.append({"path": f"pipeline warm, eager, one forward per {args.batch_size}-image batch (no micro-batches, no freeze)",
                          "seconds": t, "images/s": n / t, "vs best plain": plain_best / t})
+    t = best["extract, inline read"]
+    rows_out.append({"path": "pipeline warm, the pixel cache read inline (no reader thread ahead)", "seconds": t,
+                     "images/s": n / t, "vs best plain": plain_best / t})
     from robustft.features import cpu_micro_batch
 
     micro = cpu_micro_batch(pre.image_size, pre.image_size) if device.type == "cpu" else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
@@ -12,7 +13,13 @@ from torch import nn
 
 from robustft.backbones.base import Backbone, Preprocessing
 from robustft.data.pixels import PixelSplit
-from robustft.features import FREEZE_MIN_PIXELS, CpuInferenceGraph, cpu_inference_graph, forward_uint8
+from robustft.features import (
+    FREEZE_MIN_PIXELS,
+    CpuInferenceGraph,
+    cpu_inference_graph,
+    forward_uint8,
+    pinned_batches,
+)
 from robustft.interpolation import fisher_weighted_interpolation, interpolate_into
 from robustft.models import ClassificationHead, ImageClassifier
 
@@ -39,10 +46,15 @@ def build_classifier(backbone: Backbone, num_classes: int) -> ImageClassifier:
 def predict_logits(
     module: nn.Module, pixels: torch.Tensor, preprocessing: Preprocessing, device: torch.device, batch_size: int
 ) -> np.ndarray:
-    """Logits (float32) of ``module`` on uint8 pixels (N, H, W, 3), ``batch_size`` at a time (:func:`forward_uint8`)."""
+    """Logits (float32) of ``module`` on uint8 pixels (N, H, W, 3), ``batch_size`` at a time (:func:`forward_uint8`).
+
+    On CUDA a helper thread pins the next batches while the device runs this one (:func:`pinned_batches`); on CPU
+    the slices of ``pixels`` are taken inline.
+    """
     module.eval()
-    out = [forward_uint8(module, pixels[start : start + batch_size], preprocessing, device)
-           for start in range(0, pixels.shape[0], batch_size)]
+    batches = (pixels[start : start + batch_size] for start in range(0, pixels.shape[0], batch_size))
+    with contextlib.closing(pinned_batches(batches, device, depth=2 if device.type == "cuda" else 0)) as ready:
+        out = [forward_uint8(module, batch, preprocessing, device) for batch in ready]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 

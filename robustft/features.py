@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -13,6 +14,7 @@ from torch import nn
 from robustft.backbones.base import Preprocessing
 from robustft.data.pixels import PIXEL_COLUMNS, iter_pixel_batches
 from robustft.io.arrays import array_writer, load_arrays, open_arrays
+from robustft.io.prefetch import prefetched
 
 FEATURE_COLUMNS = ("features", "labels", "row_ids")
 
@@ -131,12 +133,13 @@ def forward_uint8(
 ) -> torch.Tensor:
     """``module(normalize(pixels))`` for uint8 pixels (N, H, W, 3), as a float32 CPU tensor.
 
-    CUDA: one pass over the batch, copied from pinned memory without blocking, in bf16 autocast. CPU: fp32, in
-    micro-batches of :func:`cpu_micro_batch` images, concatenated (the model is in eval mode, so each image's output
-    does not depend on its neighbours).
+    CUDA: one pass over the batch in bf16 autocast, copied without blocking from pinned memory (pinned here unless
+    the caller pinned it ahead, as :func:`extract_features`'s reader thread does). CPU: fp32, in micro-batches of
+    :func:`cpu_micro_batch` images, concatenated (the model is in eval mode, so each image's output does not depend
+    on its neighbours).
     """
     if device.type == "cuda":
-        pixels = pixels.pin_memory().to(device, non_blocking=True)
+        pixels = (pixels if pixels.is_pinned() else pixels.pin_memory()).to(device, non_blocking=True)
         with autocast_for(device):
             return module(preprocessing.normalize(pixels)).float().cpu()
     step = cpu_micro_batch(pixels.shape[1], pixels.shape[2], cpu_pixels_per_forward) or pixels.shape[0]
@@ -161,6 +164,18 @@ def encode_batches(
         yield forward_uint8(module, pixels, preprocessing, device, cpu_pixels_per_forward), labels, row_ids
 
 
+def _pin(batch: Any) -> Any:
+    """A batch with its pixels (the batch itself, or the first tensor of a tuple) copied into pinned memory."""
+    return (batch[0].pin_memory(), *batch[1:]) if isinstance(batch, tuple) else batch.pin_memory()
+
+
+def pinned_batches(batches: Iterable[Any], device: torch.device, depth: int = 2) -> Iterator[Any]:
+    """``batches`` produced ``depth`` ahead by a helper thread (:func:`~robustft.io.prefetch.prefetched`) that, on
+    CUDA, also pins their pixels for :func:`forward_uint8`'s non-blocking copy, as a DataLoader's pin-memory thread
+    does. ``depth`` 0: produced inline (and pinned by :func:`forward_uint8`)."""
+    return prefetched(batches, depth, _pin if device.type == "cuda" else None)
+
+
 def extract_features(
     encoder: nn.Module,
     pixel_path: str | Path,
@@ -173,12 +188,14 @@ def extract_features(
     progress: Callable[[int], None] | None = None,
     cpu_pixels_per_forward: int | None = CPU_PIXELS_PER_FORWARD,
     cpu_freeze_min_pixels: int | None = FREEZE_MIN_PIXELS,
+    prefetch: int = 2,
 ) -> None:
     """Encode every image of a pixel cache and write (features, labels, row_ids) atomically, batch by batch.
 
-    ``batch_size`` images are read at a time; on CPU they are encoded in micro-batches (:func:`forward_uint8`) by
-    the frozen encoder (:func:`cpu_inference_graph`) where the cache holds at least ``cpu_freeze_min_pixels``
-    input pixels (None: never).
+    ``batch_size`` images are read at a time, up to ``prefetch`` batches ahead by a reader thread (on CUDA it also
+    pins them), so reading the cache overlaps encoding; 0: read inline. On CPU they are encoded in micro-batches
+    (:func:`forward_uint8`) by the frozen encoder (:func:`cpu_inference_graph`) where the cache holds at least
+    ``cpu_freeze_min_pixels`` input pixels (None: never).
     """
     dev = resolve_device(device)
     with open_arrays(pixel_path, PIXEL_COLUMNS, pixel_attrs) as handle:
@@ -192,12 +209,10 @@ def extract_features(
     if graph is not None:
         encoder = graph.frozen()
     columns = {"features": ((dim,), np.float32), "labels": ((), np.int64), "row_ids": ((), np.int64)}
-    with array_writer(out_path, n, columns, attrs) as out:
+    reader = pinned_batches(iter_pixel_batches(pixel_path, batch_size, pixel_attrs), dev, prefetch)
+    with array_writer(out_path, n, columns, attrs) as out, contextlib.closing(reader) as batches:
         start = 0
-        for feats, labels, row_ids in encode_batches(
-            encoder, iter_pixel_batches(pixel_path, batch_size, pixel_attrs), preprocessing, dev,
-            cpu_pixels_per_forward,
-        ):
+        for feats, labels, row_ids in encode_batches(encoder, batches, preprocessing, dev, cpu_pixels_per_forward):
             stop = start + feats.shape[0]
             out["features"][start:stop] = feats.numpy()
             out["labels"][start:stop] = labels.numpy()

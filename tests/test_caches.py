@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import h5py
@@ -258,14 +259,15 @@ def _feature_attrs(pixel_attrs: dict, **changes) -> dict:
     return attrs
 
 
-def test_feature_extraction_streams_and_matches_a_direct_forward_pass(pixel_cache, tmp_path):
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_feature_extraction_streams_and_matches_a_direct_forward_pass(pixel_cache, tmp_path, prefetch):
     out, _, pixel_attrs = pixel_cache
     encoder = TinyEncoder()
     attrs = _feature_attrs(pixel_attrs)
     features_path = tmp_path / "features" / "dom_train.h5"
     seen = []
     extract_features(encoder, out, features_path, PRE, attrs, batch_size=4, device="cpu", pixel_attrs=pixel_attrs,
-                     progress=seen.append)
+                     progress=seen.append, prefetch=prefetch)
     # streamed in batches of at most 4 (after one 1-image probe for the feature dimension)
     assert encoder.batches[1:] == [4, 4, 4, 2]
     assert seen == [4, 4, 4, 2]
@@ -404,6 +406,25 @@ def test_feature_extraction_refuses_a_stale_pixel_cache_and_writes_nothing(pixel
         extract_features(TinyEncoder(), out, features_path, PRE, _feature_attrs(pixel_attrs), device="cpu",
                          pixel_attrs={**pixel_attrs, "manifest_hash": "other"})
     assert list(tmp_path.glob("*.h5")) == [] and _leftovers(tmp_path) == []
+
+
+class FailingEncoder(TinyEncoder):
+    """Fails on its third forward pass (the 1-image probe, then the first read batch, then the second)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.batches) == 2:
+            raise RuntimeError("out of memory on batch 2")
+        return super().forward(x)
+
+
+def test_an_encoder_failure_mid_stream_stops_the_reader_and_writes_nothing(pixel_cache, tmp_path):
+    out, _, pixel_attrs = pixel_cache
+    features_path = tmp_path / "f.h5"
+    with pytest.raises(RuntimeError, match="out of memory on batch 2"):
+        extract_features(FailingEncoder(), out, features_path, PRE, _feature_attrs(pixel_attrs), batch_size=2,
+                         device="cpu", pixel_attrs=pixel_attrs, prefetch=2)
+    assert list(tmp_path.glob("*.h5")) == [] and _leftovers(tmp_path) == []
+    assert not [t for t in threading.enumerate() if t.name == "robustft-prefetch"]
 
 
 def test_pixel_columns_constant():
