@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustft.features import autocast_for
 from robustft.training.checkpoint import (
     load_resume_checkpoint,
     load_safetensors,
@@ -99,9 +100,7 @@ class TrainContext:
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.hp.label_smoothing)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.device)
 
     def generator(self, *tags: str | int) -> torch.Generator:
         return torch.Generator().manual_seed(derive_seed(self.seed, *tags))
