@@ -55,7 +55,8 @@ def diagonal_fisher(
                 if logits.dim() != 2 or logits.shape[0] != 1:
                     raise ValueError(f"model must return logits of shape (1, C), got {tuple(logits.shape)}")
                 log_probs = F.log_softmax(logits, dim=-1)
-                label = torch.multinomial(log_probs.detach().exp(), 1, generator=generator).view(())
+                # drawn on the CPU: ``generator`` is a CPU generator, and the labels do not depend on the device
+                label = int(torch.multinomial(log_probs.detach().exp().cpu(), 1, generator=generator))
                 grads = torch.autograd.grad(log_probs[0, label], tensors, allow_unused=True)
                 for a, g in zip(acc, grads):
                     if g is not None:

@@ -108,17 +108,18 @@ def sweep_stage(
 
 
 def _fisher_pair(model, ref, finetuned, pixels_path, n, backbone, device):
-    """Diagonal Fishers of the reference and fine-tuned models on ``n`` ID training images (WiSE-FT code)."""
+    """Diagonal Fishers of the reference and fine-tuned models on ``n`` ID training images (WiSE-FT code), computed
+    on ``device``; the sampled labels come from a CPU generator, so they are the same on every device."""
     from robustft.fisher import diagonal_fisher
 
     pixels = load_pixel_split(pixels_path).pixels[:n]
-    inputs = [backbone.preprocessing.normalize(pixels[i : i + 32]) for i in range(0, len(pixels), 32)]
+    model.to(device)
+    inputs = [backbone.preprocessing.normalize(pixels[i : i + 32].to(device)) for i in range(0, len(pixels), 32)]
     fishers = []
     for state in (ref, finetuned):
         model.load_state_dict(state)
         params = {k: p for k, p in model.named_parameters()}
-        fisher = diagonal_fisher(model, inputs, params=params, generator=torch.Generator().manual_seed(0))
-        fishers.append({k: v.to(device) for k, v in fisher.items()})
+        fishers.append(diagonal_fisher(model, inputs, params=params, generator=torch.Generator().manual_seed(0)))
     model.load_state_dict(ref)
     return fishers[0], fishers[1]
 

@@ -15,8 +15,9 @@ from robustft.io.atomic import atomic_path
 RESUME_FORMAT = 1
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU (and CUDA) generator states, in types a weights-only ``torch.load`` accepts."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Python, NumPy and torch CPU generator states, and on a CUDA ``device`` that device's, in types a weights-only
+    ``torch.load`` accepts. One device only: a job requeued on a node that shows fewer GPUs must still resume."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -24,19 +25,19 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
+def set_rng_state(state: Mapping[str, Any], device: torch.device | None = None) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_resume_checkpoint(path: Path, state: Mapping[str, Any]) -> None:

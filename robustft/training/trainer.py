@@ -69,6 +69,11 @@ class Split:
         return Split(self.labels[idx], pick(self.pixels), pick(self.features))
 
 
+def _to_host(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` in CPU memory (as a resumed run's best-epoch tensors, read back from disk, already are)."""
+    return {k: v.detach().cpu() for k, v in tensors.items()}
+
+
 def derive_seed(seed: int, *tags: str | int) -> int:
     """A 63-bit seed determined by ``seed`` and ``tags`` (independent streams for order, flips, templates...)."""
     codes = [zlib.crc32(t.encode()) if isinstance(t, str) else int(t) for t in tags]
@@ -210,7 +215,7 @@ def train(
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"], ctx.device)
         step, epoch, position = saved["step"], saved["epoch"], saved["position"]
         log = list(saved["log"])
         best_val, best_epoch = saved["best_val"], saved["best_epoch"]
@@ -226,7 +231,7 @@ def train(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": rng_state(),
+                "rng": rng_state(ctx.device),
                 "step": step,
                 "epoch": next_epoch,
                 "position": next_position,
@@ -278,7 +283,7 @@ def train(
                 log[-1]["val_accuracy"] = last_val
                 if select_best and (best_val is None or last_val > best_val):
                     best_val, best_epoch = last_val, epoch
-                    best_tensors = method.checkpoint_tensors(model, ctx)
+                    best_tensors = _to_host(method.checkpoint_tensors(model, ctx))  # not a second model on the GPU
                     if best_path is not None:
                         save_safetensors(best_path, best_tensors)
             epoch, position = epoch + 1, 0
@@ -289,7 +294,7 @@ def train(
 
     method.set_train_mode(model)
     model.eval()
-    tensors = best_tensors if select_best and best_tensors is not None else method.checkpoint_tensors(model, ctx)
+    tensors = best_tensors if select_best and best_tensors is not None else _to_host(method.checkpoint_tensors(model, ctx))
     if has_val and last_val is None and log:  # resumed after the last epoch had ended
         last_val = log[-1]["val_accuracy"]
     if not select_best:
