@@ -64,7 +64,7 @@ class FLYP(Method):
         clip, self.tokenizer = ctx.backbone.build_clip()
         self.templates = list(get_templates(self.hp.templates or ctx.backbone.templates))
         self.prompt_names = list(ctx.prompt_names or ctx.class_names)
-        del model  # the image encoder is the CLIP model's visual tower
+        model.cpu()  # not trained (the image encoder is the CLIP model's visual tower): off the GPU
         flyp = FlypModel(clip).to(ctx.device)
         flyp.requires_grad_(True)
         return flyp
