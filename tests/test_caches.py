@@ -36,6 +36,7 @@ from robustft.features import (
 )
 from robustft.io.arrays import StaleCacheError, array_writer, load_arrays, open_arrays, read_attrs
 from robustft.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+from robustft.io.prefetch import THREAD_NAME
 from robustft.io.tables import CorruptArtifactError, read_table, write_table
 
 SIZE = 8
@@ -424,7 +425,7 @@ def test_an_encoder_failure_mid_stream_stops_the_reader_and_writes_nothing(pixel
         extract_features(FailingEncoder(), out, features_path, PRE, _feature_attrs(pixel_attrs), batch_size=2,
                          device="cpu", pixel_attrs=pixel_attrs, prefetch=2)
     assert list(tmp_path.glob("*.h5")) == [] and _leftovers(tmp_path) == []
-    assert not [t for t in threading.enumerate() if t.name == "robustft-prefetch"]
+    assert not [t for t in threading.enumerate() if t.name == THREAD_NAME]
 
 
 def test_pixel_columns_constant():

@@ -6,11 +6,11 @@ import threading
 
 import pytest
 
-from robustft.io.prefetch import prefetched
+from robustft.io.prefetch import THREAD_NAME, prefetched
 
 
 def _helpers() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "robustft-prefetch"]
+    return [t for t in threading.enumerate() if t.name == THREAD_NAME]
 
 
 def _source(n: int, produced: list[int], closed: threading.Event | None = None, fail_at: int | None = None):
@@ -99,7 +99,7 @@ def test_on_cuda_the_helper_thread_pins_the_pixels_of_each_batch(monkeypatch):
     batches = [(torch.zeros(n, 2, 2, 3, dtype=torch.uint8), torch.arange(n), torch.arange(n)) for n in (4, 4, 2)]
     out = list(pinned_batches(iter(batches), torch.device("cuda"), depth=2))
     assert [b[0].shape[0] for b in out] == [4, 4, 2]
-    assert pinned_by == [("robustft-prefetch", 4), ("robustft-prefetch", 4), ("robustft-prefetch", 2)]
+    assert pinned_by == [(THREAD_NAME, 4), (THREAD_NAME, 4), (THREAD_NAME, 2)]
     assert all(o[1] is b[1] for o, b in zip(out, batches))  # labels and row ids pass through untouched
     pinned_by.clear()
     assert list(pinned_batches(iter(batches), torch.device("cpu"), depth=2))[0][0] is batches[0][0]

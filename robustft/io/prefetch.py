@@ -10,6 +10,9 @@ T = TypeVar("T")
 
 _DONE = object()
 
+#: The name of every helper thread (tests look for leftovers by it).
+THREAD_NAME = "robustft-prefetch"
+
 
 def prefetched(items: Iterable[T], depth: int = 2, prepare: Callable[[T], T] | None = None) -> Iterator[T]:
     """Yield ``items`` (each passed through ``prepare``) in order, produced up to ``depth`` ahead by a helper thread.
@@ -49,7 +52,7 @@ def prefetched(items: Iterable[T], depth: int = 2, prepare: Callable[[T], T] | N
             if close is not None:
                 close()
 
-    helper = threading.Thread(target=produce, name="robustft-prefetch", daemon=True)
+    helper = threading.Thread(target=produce, name=THREAD_NAME, daemon=True)
     helper.start()
     try:
         while True:
