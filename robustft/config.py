@@ -219,7 +219,7 @@ def resolved_variant(config: dict, method: str, variant: str) -> dict:
     top = _protocol({**DEFAULT_PROTOCOL, **config.get("protocol", {})})
     training = {k: copy.deepcopy(v) for k, v in config.get("training", {}).items() if k not in TRAINING_SETTINGS}
     if "protocol" in overrides:
-        overrides["protocol"] = _protocol({**config.get("protocol", {}), **overrides["protocol"]})
+        overrides["protocol"] = _protocol({**DEFAULT_PROTOCOL, **config.get("protocol", {}), **overrides["protocol"]})
     if top != DEFAULT_PROTOCOL:
         training["protocol"] = top
     return {"training": training, "overrides": overrides}

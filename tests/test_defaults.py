@@ -98,8 +98,8 @@ def test_changing_a_dataclass_default_makes_the_committed_schema_stale(tmp_path,
     before, after = SCHEMA_PATH.read_text().splitlines(), copy_path.read_text().splitlines()
     assert len(before) == len(after)
     assert [b for a, b in zip(before, after) if a != b] == [
-        "      encoder_strength: {type: number, minimum: 0, default: 0.5, description: 'alpha of L2-SP, changed by this "
-        "test.'}"]
+        "      encoder_strength: {type: number, minimum: 0, default: 0.5, description: 'alpha of L2-SP, changed "
+        "by this test.'}"]
 
 
 def test_a_field_without_a_description_or_schema_type_is_refused():
@@ -127,7 +127,8 @@ def test_schema_bounds_reach_config_validation():
         validate_config({"methods": {"l2sp": {"a": {"weight_decay": -1}}}})
     with pytest.raises(ConfigError, match=r"training\.checkpoint_every: -1 is out of range"):
         validate_config({"training": {"checkpoint_every": -1}})
-    assert validate_config({"training": {"checkpoint_every": 0, "eval_batch_size": 64}})["training"]["checkpoint_every"] == 0
+    config = validate_config({"training": {"checkpoint_every": 0, "eval_batch_size": 64}})
+    assert config["training"]["checkpoint_every"] == 0  # 0: checkpoints at epoch ends only
 
 
 # ------------------------------------------------------------------------------------------------------ precedence

@@ -156,6 +156,7 @@ def test_lock_resolves_and_is_closed_for(platform, tmp_path):
             if (name, extra) in needed:
                 continue
             needed.add((name, extra))
-            todo += [(sub, f"{name}[{extra}]" if extra else name) for sub in requires[name] if _applies(sub, env, extra)]
+            by_here = f"{name}[{extra}]" if extra else name
+            todo += [(sub, by_here) for sub in requires[name] if _applies(sub, env, extra)]
     unused = sorted(set(pins) - {name for name, _ in needed})
     assert not unused, f"requirements.lock pins {unused} on {platform}, which nothing there needs (add a marker?)"

@@ -24,7 +24,9 @@ if TYPE_CHECKING:  # pragma: no cover
 PROTOCOL_KINDS = ("full", "kshot", "class_subset")
 #: JSON-schema keywords a hyperparameter may declare besides its description
 SCHEMA_KEYWORDS = ("enum", "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
-#: Where a resolved hyperparameter's value came from, highest precedence first (recorded in run.json)
+#: Where a resolved hyperparameter's value came from, highest precedence first (recorded in run.json): the variant's
+#: overrides, the config's ``training:`` block (for ``protocol``: its top-level ``protocol:`` block), the method
+#: dataclass's own default, the :class:`TrainingHyperparameters` default
 SOURCES = ("variant", "training", "method default", "shared default")
 
 
