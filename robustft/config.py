@@ -13,6 +13,14 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
+#: The keys of the ``training:`` block that are not hyperparameters, with their schema entries: they get their default
+#: filled in and are no part of a variant's settings. The block's other entries are generated from the method
+#: dataclasses (``python -m robustft.methods.schema --write-schema``), and their defaults are not filled in.
+TRAINING_SETTINGS: dict[str, dict] = {
+    "device": {"type": "string", "enum": ["auto", "cpu", "cuda"], "default": "auto",
+               "description": "Where compute jobs run (auto = cuda when available); not a hyperparameter."},
+}
+DEFAULT_PROTOCOL = {"kind": "full"}
 
 
 class ConfigError(ValueError):
@@ -117,15 +125,21 @@ def _format_error(error: jsonschema.ValidationError, schema: dict) -> str:
     return f"{where}: {error.message.splitlines()[0]}"
 
 
-def _fill_defaults(instance: Any, schema: dict) -> None:
-    """Insert the schema's defaults for missing keys, recursively (as ``snakemake.utils.validate`` does)."""
+def _fill_defaults(instance: Any, schema: dict, path: tuple[str, ...] = ()) -> None:
+    """Insert the schema's defaults for missing keys, recursively, except the hyperparameters of ``training:``.
+
+    Those defaults belong to the method dataclasses (a method may have its own), and what the user wrote there must
+    stay apart from them: :func:`robustft.methods.base.resolve_hyperparameters` applies them.
+    """
     if not isinstance(instance, dict):
         return
     for key, sub in schema.get("properties", {}).items():
+        if path == ("training",) and key not in TRAINING_SETTINGS:
+            continue
         if key not in instance and "default" in sub:
             instance[key] = copy.deepcopy(sub["default"])
         if key in instance:
-            _fill_defaults(instance[key], sub)
+            _fill_defaults(instance[key], sub, (*path, key))
 
 
 def validate_config(config: dict, schema: dict | None = None) -> dict:
@@ -147,7 +161,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
 def _check_overrides(key: str, method: str, overrides: dict, schema: dict) -> None:
     """Check a variant's overrides: training keys, protocol, and the method's own hyperparameters (schema $defs)."""
     props = schema["properties"]
-    training = {k: v for k, v in props["training"]["properties"].items() if k != "device"}
+    training = {k: v for k, v in props["training"]["properties"].items() if k not in TRAINING_SETTINGS}
     wrapped = {
         "type": "object",
         "additionalProperties": False,
@@ -187,14 +201,34 @@ def _check_cross_keys(config: dict, schema: dict) -> None:
                 raise ConfigError(f"{key}.protocol.absent_classes: class_subset needs at least one absent class")
 
 
-def resolved_variant(config: dict, method: str, variant: str) -> dict:
-    """What one variant's runs depend on: the shared ``training`` block and the variant's overrides (protocol merged)."""
-    overrides = copy.deepcopy(config["methods"][method][variant])
-    protocol = {**config["protocol"], **overrides.get("protocol", {})}
+def _protocol(protocol: dict) -> dict:
+    """The keys of a protocol its kind uses (so that an unused ``k`` changes nothing)."""
     relevant = {"full": (), "kshot": ("k",), "class_subset": ("absent_classes",)}[protocol["kind"]]
-    overrides["protocol"] = {"kind": protocol["kind"], **{k: protocol[k] for k in relevant}}
-    training = {k: v for k, v in config["training"].items() if k != "device"}
+    return {"kind": protocol["kind"], **{k: protocol[k] for k in relevant}}
+
+
+def resolved_variant(config: dict, method: str, variant: str) -> dict:
+    """What one variant's runs depend on, as the config states it: no default is filled in here.
+
+    ``training``: the ``training:`` block's hyperparameters, and the top-level ``protocol`` where it is not the default
+    full protocol; ``overrides``: the variant's own keys, its ``protocol`` (if any) merged over the top-level one.
+    :func:`robustft.methods.base.resolve_hyperparameters` adds the defaults: variant > training > method default >
+    shared default. :func:`variant_protocol` gives the protocol the runs use.
+    """
+    overrides = copy.deepcopy(config["methods"][method][variant])
+    top = _protocol({**DEFAULT_PROTOCOL, **config.get("protocol", {})})
+    training = {k: copy.deepcopy(v) for k, v in config.get("training", {}).items() if k not in TRAINING_SETTINGS}
+    if "protocol" in overrides:
+        overrides["protocol"] = _protocol({**DEFAULT_PROTOCOL, **config.get("protocol", {}), **overrides["protocol"]})
+    if top != DEFAULT_PROTOCOL:
+        training["protocol"] = top
     return {"training": training, "overrides": overrides}
+
+
+def variant_protocol(resolved: dict) -> dict:
+    """The protocol of a :func:`resolved_variant`: the variant's, else the config's, else the full training split."""
+    return copy.deepcopy(resolved["overrides"].get("protocol") or resolved["training"].get("protocol")
+                         or DEFAULT_PROTOCOL)
 
 
 def run_table(config: dict) -> list[dict[str, Any]]:

@@ -22,7 +22,8 @@ def _validated_config(raw):
         checked = validate_config(raw)
     except ConfigError as exc:
         raise WorkflowError(f"config error: {exc}") from None
-    validate(checked, "../config/schema.yaml")  # fills nothing new; keeps the schema the single source
+    # Checks only: the training block's defaults must not be filled in (see robustft.config._fill_defaults).
+    validate(checked, "../config/schema.yaml", set_default=False)
     return checked
 
 

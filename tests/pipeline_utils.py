@@ -153,11 +153,11 @@ def dry_run_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
 
 def expected_jobs(config: dict) -> dict[str, int]:
     """Rule -> the number of jobs a dry run of ``config`` must list (``report`` aside)."""
-    from robustft.config import resolved_variant, run_table, validate_config
+    from robustft.config import resolved_variant, run_table, validate_config, variant_protocol
 
     cfg = validate_config(config)
     runs = run_table(cfg)
-    subset = sum(resolved_variant(cfg, r["method"], r["variant"])["overrides"]["protocol"]["kind"] == "class_subset"
+    subset = sum(variant_protocol(resolved_variant(cfg, r["method"], r["variant"]))["kind"] == "class_subset"
                  for r in runs)
     folds = cfg["calibration"]["pcv_folds"] * subset
     caches = 3 + len(cfg["dataset"]["ood_domains"])  # ID train/val/test + each OOD domain's test split

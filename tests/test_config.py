@@ -51,7 +51,7 @@ def test_embedded_config_validates_and_gets_defaults(embedded):
     assert config["dataset"]["on_bad_image"] == "error"
     assert config["dataset"]["workers"] == 2
     assert config["reference"]["l2_grid"] == schema["properties"]["reference"]["properties"]["l2_grid"]["default"]
-    assert config["training"]["select"] == "best_val"
+    assert config["training"] == {**embedded["training"], "device": "auto"}  # hyperparameter defaults: not filled
     assert config["protocol"] == {"kind": "full", "k": 16, "absent_classes": []}
     assert config["calibration"]["gamma_source"] == "val"
     assert config["eval"]["bootstrap"] == 1000
@@ -312,25 +312,6 @@ def test_snakemake_configfile_with_duplicate_keys_fails(workflow_copy):
     assert len(lines) == 1, result.stdout + result.stderr
     assert "duplicate key 'default'" in lines[0] and "dup.yaml" in lines[0]
     assert not (workflow_copy / "results").exists()
-
-
-def test_schema_method_hyperparameters_match_the_method_dataclasses():
-    """The schema documents each method's own hyperparameters with the dataclass defaults (one source of truth each)."""
-    import dataclasses
-
-    from robustft.config import load_schema
-    from robustft.methods import METHODS
-    from robustft.methods.base import shared_field_names
-
-    documented = load_schema()["$defs"]["method_hyperparameters"]
-    assert set(documented) - {"description"} == set(METHODS)
-    shared = set(shared_field_names())
-    for name, method in METHODS.items():
-        fields = {f.name: f.default for f in dataclasses.fields(method.hyperparameters) if f.name not in shared}
-        assert set(documented[name]) == set(fields), name
-        for field, default in fields.items():
-            assert documented[name][field]["default"] == default, (name, field)
-            assert documented[name][field]["description"], (name, field)
 
 
 def test_unknown_method_hyperparameter_suggests_the_closest():

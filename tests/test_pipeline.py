@@ -264,9 +264,14 @@ def test_every_run_dir_is_complete(session):
             assert versions["torch"] == torch.__version__ and versions["numpy"] == np.__version__ and versions["python"]
             assert isinstance(run["pipeline_commit"], str) and len(run["pipeline_commit"].split("-")[0]) == 40
             hp = run["hyperparameters"]
-            expected = {**config["training"], **config["methods"][method][variant]}
+            written = {**config["training"], **config["methods"][method][variant]}  # no defaults filled in
+            sources = run["hyperparameter_sources"]
             for key in ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "checkpoint_every"):
-                assert hp[key] == expected[key], f"{method}/{variant}: {key} = {hp[key]}, config {expected[key]}"
+                if key in written:
+                    assert hp[key] == written[key], f"{method}/{variant}: {key} = {hp[key]}, config {written[key]}"
+                    assert sources[key] in ("training", "variant"), (method, variant, key, sources[key])
+                else:
+                    assert sources[key] in ("method default", "shared default"), (method, variant, key, sources[key])
             assert hp["protocol"]["kind"] == ("class_subset" if variant == "absent2" else "full")
             assert run["resumed_at_step"] is None
     absent = json.loads((_run_dir(session.workdir, "full_ft", "absent2") / "run.json").read_text())

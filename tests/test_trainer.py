@@ -217,7 +217,7 @@ def test_resume_checkpoint_and_rng_round_trip(tmp_path):
 def test_hyperparameter_resolution_and_unknown_keys():
     hp = resolve_hyperparameters(L2SP, {"lr": 0.5, "weight_decay": 0.1}, {"encoder_strength": 2.0})
     assert hp.lr == 0.5  # training block over trainer defaults
-    assert hp.weight_decay == 0.0  # L2-SP's own default wins over the training block
+    assert hp.weight_decay == 0.1  # the training block wins over L2-SP's own default (tests/test_defaults.py)
     assert hp.encoder_strength == 2.0 and hp.head_strength == 0.01  # variant override, paper default
     assert resolve_hyperparameters(L2SP, {"weight_decay": 0.1}, {"weight_decay": 0.3}).weight_decay == 0.3
     assert resolve_hyperparameters(FullFineTuning, {"weight_decay": 0.2}, {}).weight_decay == 0.2

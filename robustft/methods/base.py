@@ -1,13 +1,17 @@
 """What every fine-tuning method is to the shared trainer: a hyperparameter dataclass and a few hooks.
 
 A method module defines one :class:`Method` subclass and one :class:`TrainingHyperparameters` subclass holding its
-own hyperparameters with the paper's defaults. The trainer (:mod:`robustft.training.trainer`) only calls the hooks;
-it never asks which method it is running.
+own hyperparameters with the paper's defaults, each declared with :func:`hyperparameter` (default, description,
+bounds): the config schema's ``training`` and ``$defs.method_hyperparameters`` entries are generated from these
+fields (``python -m robustft.methods.schema --write-schema``). The trainer (:mod:`robustft.training.trainer`) only
+calls the hooks; it never asks which method it is running.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
@@ -18,6 +22,28 @@ if TYPE_CHECKING:  # pragma: no cover
     from robustft.training.trainer import Batch, TrainContext
 
 PROTOCOL_KINDS = ("full", "kshot", "class_subset")
+#: JSON-schema keywords a hyperparameter may declare besides its description
+SCHEMA_KEYWORDS = ("enum", "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+#: Where a resolved hyperparameter's value came from, highest precedence first (recorded in run.json): the variant's
+#: overrides, the config's ``training:`` block (for ``protocol``: its top-level ``protocol:`` block), the method
+#: dataclass's own default, the :class:`TrainingHyperparameters` default
+SOURCES = ("variant", "training", "method default", "shared default")
+
+
+def hyperparameter(default: Any, description: str, **schema: Any) -> Any:
+    """A hyperparameter field: its default, a one-line description and JSON-schema bounds (``minimum``, ``enum``...).
+
+    A list or dict default is copied for each instance. The config schema's entry is generated from the three.
+    """
+    unknown = sorted(set(schema) - set(SCHEMA_KEYWORDS))
+    if unknown:
+        raise TypeError(f"hyperparameter: unknown schema keywords {unknown}; allowed: {list(SCHEMA_KEYWORDS)}")
+    if not description or "\n" in description:
+        raise ValueError(f"hyperparameter: the description must be one non-empty line, got {description!r}")
+    metadata = {"description": description, "schema": schema}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -26,21 +52,31 @@ class TrainingHyperparameters:
 
     Defaults follow WiSE-FT end-to-end fine-tuning (``mlfoundations/wise-ft`` ``src/models/finetune.py``, App. D.2):
     AdamW, lr 3e-5, weight decay 0.1, cosine schedule with 500 warm-up steps, gradient clipping at 1.0, 10 epochs,
-    batch 512, no label smoothing, no augmentation beyond the preprocessing.
+    batch 512, no label smoothing, no augmentation beyond the preprocessing. These are the shared defaults: a method's
+    dataclass may re-declare one with its paper's value, and the config's values beat both
+    (:func:`resolve_hyperparameters`). ``checkpoint_every`` (200 steps) is not WiSE-FT's: it bounds what a kill loses.
     """
 
-    epochs: int = 10
-    batch_size: int = 512
-    lr: float = 3e-5
-    weight_decay: float = 0.1
-    warmup_steps: int = 500
-    grad_clip: float | None = 1.0  #: max global gradient norm; 0 or None: no clipping (the norm is still logged)
-    label_smoothing: float = 0.0
-    augment: str = "none"  #: "none" or "flip" (random horizontal flip); ignored on cached features
-    select: str = "best_val"  #: "best_val" (epoch with the best ID-validation accuracy) or "last"
-    checkpoint_every: int = 0  #: also write a resumable checkpoint every this many steps (0: epoch ends only)
-    eval_batch_size: int = 256
+    epochs: int = hyperparameter(10, "Passes over the training data (WiSE-FT 10).", minimum=1)
+    batch_size: int = hyperparameter(512, "Examples per optimizer step (WiSE-FT 512).", minimum=1)
+    lr: float = hyperparameter(3e-5, "Peak AdamW learning rate (WiSE-FT 3e-5).", exclusiveMinimum=0)
+    weight_decay: float = hyperparameter(0.1, "AdamW weight decay (WiSE-FT 0.1).", minimum=0)
+    warmup_steps: int = hyperparameter(
+        500, "Linear warm-up steps before the cosine decay (WiSE-FT 500).", minimum=0)
+    grad_clip: float | None = hyperparameter(
+        1.0, "Maximum global gradient norm (0 or null: no clipping; the norm is still logged).", minimum=0)
+    label_smoothing: float = hyperparameter(0.0, "Label smoothing of the cross-entropy.", minimum=0, maximum=0.99)
+    augment: str = hyperparameter(
+        "none", "Training augmentation on cached pixels (flip: random horizontal flip; ignored on cached features).",
+        enum=["none", "flip"])
+    select: str = hyperparameter(
+        "best_val", "Which epoch's weights a run keeps: the best ID-validation accuracy (best_val) or the last.",
+        enum=["best_val", "last"])
+    checkpoint_every: int = hyperparameter(
+        200, "Also write a resumable checkpoint every this many optimizer steps (0: at epoch ends only).", minimum=0)
+    eval_batch_size: int = hyperparameter(256, "Examples per forward pass of the per-epoch validation.", minimum=1)
     #: {"kind": "full"} | {"kind": "kshot", "k": 16[, "seed": s]} | {"kind": "class_subset", "absent_classes": [...]}
+    #: (the config's top-level ``protocol:`` block, not a ``training:`` key)
     protocol: dict = field(default_factory=lambda: {"kind": "full"})
 
     def __post_init__(self) -> None:
@@ -80,32 +116,50 @@ def _default(f: dataclasses.Field) -> Any:
     raise TypeError(f"hyperparameter {f.name!r} has no default")
 
 
-def resolve_hyperparameters(
-    method: type["Method"], training: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None
-) -> TrainingHyperparameters:
-    """Shared trainer defaults ⊕ the ``training:`` block ⊕ the method dataclass's own defaults ⊕ variant overrides.
-
-    A method dataclass that re-declares a shared field with another default (e.g. ``weight_decay = 0`` for the
-    anchor penalties) wins over the ``training:`` block; the variant's overrides win over everything. An unknown
-    key raises ``ValueError`` naming it and the allowed keys.
-    """
+def _resolve(
+    method: type["Method"], training: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """(value, source) of every field of ``method``'s dataclass; ``ValueError`` naming an unknown key."""
     cls = method.hyperparameters
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    shared = {f.name: _default(f) for f in dataclasses.fields(TrainingHyperparameters)}
-    for where, given, allowed in (
-        ("training", training or {}, shared),
-        (f"methods.{method.name}", overrides or {}, fields),
-    ):
+    shared = {f.name: f for f in dataclasses.fields(TrainingHyperparameters)}
+    training, overrides = dict(training or {}), dict(overrides or {})
+    for where, given, allowed in (("training", training, shared), (f"methods.{method.name}", overrides, fields)):
         for key in given:
             if key not in allowed:
                 raise ValueError(
                     f"{where}: unknown hyperparameter {key!r} for method {method.name!r}; allowed: {sorted(allowed)}"
                 )
-    values = {name: _default(f) for name, f in fields.items()}
-    method_own = {k for k, v in values.items() if k in shared and v != shared[k]}
-    values.update({k: v for k, v in (training or {}).items() if k not in method_own})
-    values.update(overrides or {})
-    return cls(**values)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, f in fields.items():
+        if name in overrides:
+            values[name], sources[name] = copy.deepcopy(overrides[name]), "variant"
+        elif name in training:
+            values[name], sources[name] = copy.deepcopy(training[name]), "training"
+        else:  # a field the method (re-)declares holds its paper's default
+            values[name], sources[name] = _default(f), "shared default" if shared.get(name) is f else "method default"
+    return values, sources
+
+
+def resolve_hyperparameters(
+    method: type["Method"], training: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None
+) -> TrainingHyperparameters:
+    """The method's hyperparameters: what the user wrote beats the method's paper default, which beats the shared one.
+
+    Each value comes from, in order: the variant's ``overrides``, the config's ``training:`` block, the method
+    dataclass's own default (e.g. L2-SP's ``weight_decay = 0``), the :class:`TrainingHyperparameters` default.
+    An unknown key raises ``ValueError`` naming it and the allowed keys.
+    """
+    values, _ = _resolve(method, training, overrides)
+    return method.hyperparameters(**values)
+
+
+def hyperparameter_sources(
+    method: type["Method"], training: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None
+) -> dict[str, str]:
+    """Where each of :func:`resolve_hyperparameters`'s values came from: one of :data:`SOURCES` per field."""
+    return _resolve(method, training, overrides)[1]
 
 
 class Method:
@@ -214,6 +268,9 @@ def detached_copy(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
 __all__ = [
     "Method",
     "TrainingHyperparameters",
+    "SOURCES",
+    "hyperparameter",
+    "hyperparameter_sources",
     "resolve_hyperparameters",
     "shared_field_names",
     "split_encoder_head",

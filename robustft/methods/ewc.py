@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from robustft.fisher import diagonal_fisher, ewc_penalty
-from robustft.methods.base import Method, TrainingHyperparameters, detached_copy
+from robustft.methods.base import Method, TrainingHyperparameters, detached_copy, hyperparameter
 
 if TYPE_CHECKING:  # pragma: no cover
     from robustft.training.trainer import Batch, TrainContext
@@ -23,9 +23,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class EWCHyperparameters(TrainingHyperparameters):
-    weight_decay: float = 0.0
-    strength: float = 100.0  #: λ
-    fisher_examples: int | None = 1024
+    weight_decay: float = hyperparameter(
+        0.0, "AdamW weight decay (EWC: none, the Fisher-weighted pull toward the start replaces it).", minimum=0)
+    strength: float = hyperparameter(100.0, "lambda in lambda/2 sum F (w - w0)^2.", minimum=0)
+    fisher_examples: int | None = hyperparameter(
+        1024, "ID training images used to estimate the diagonal Fisher (null = all).", minimum=1)
 
 
 class EWC(Method):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustft.methods.base import Method, TrainingHyperparameters
+from robustft.methods.base import Method, TrainingHyperparameters, hyperparameter
 from robustft.models import ClassificationHead
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,7 +31,8 @@ MAX_LOGIT_SCALE = math.log(100.0)
 
 @dataclass
 class FLYPHyperparameters(TrainingHyperparameters):
-    templates: str | None = None  #: template-set name; None: the backbone's own (the reference head's)
+    templates: str | None = hyperparameter(
+        None, "Prompt template set of the training pairs (null = backbone.templates, the reference head's).")
 
 
 class FlypModel(nn.Module):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustft.methods.base import Method, TrainingHyperparameters
+from robustft.methods.base import Method, TrainingHyperparameters, hyperparameter
 
 if TYPE_CHECKING:  # pragma: no cover
     from robustft.training.trainer import Batch, TrainContext
@@ -27,8 +27,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class KDHyperparameters(TrainingHyperparameters):
-    kd_weight: float = 0.5  #: a in WiSE-FT Eq. 3
-    temperature: float = 1.0
+    kd_weight: float = hyperparameter(
+        0.5, "a in (1-a) CE(labels) + a CE(student, teacher) (WiSE-FT Eq. 3).", minimum=0, maximum=1)
+    temperature: float = hyperparameter(1.0, "Softmax temperature of the teacher targets.", exclusiveMinimum=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from robustft.fisher import l1_to_anchor
-from robustft.methods.base import TrainingHyperparameters
+from robustft.methods.base import TrainingHyperparameters, hyperparameter
 from robustft.methods.l2sp import L2SP
 
 
 @dataclass
 class L1SPHyperparameters(TrainingHyperparameters):
-    weight_decay: float = 0.0
-    encoder_strength: float = 1e-4
-    head_strength: float = 1e-5
+    weight_decay: float = hyperparameter(
+        0.0, "AdamW weight decay (L1-SP: none, the pull toward the start replaces it).", minimum=0)
+    encoder_strength: float = hyperparameter(1e-4, "lambda ||w - w0||_1 on the encoder.", minimum=0)
+    head_strength: float = hyperparameter(1e-5, "lambda ||W - W0||_1 on the head.", minimum=0)
 
 
 class L1SP(L2SP):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from robustft.fisher import l2_to_anchor
-from robustft.methods.base import Method, TrainingHyperparameters, detached_copy, split_encoder_head
+from robustft.methods.base import Method, TrainingHyperparameters, detached_copy, hyperparameter, split_encoder_head
 
 if TYPE_CHECKING:  # pragma: no cover
     from robustft.training.trainer import Batch, TrainContext
@@ -23,9 +23,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class L2SPHyperparameters(TrainingHyperparameters):
-    weight_decay: float = 0.0
-    encoder_strength: float = 0.1  #: α of L2-SP
-    head_strength: float = 0.01  #: β of L2-SP
+    weight_decay: float = hyperparameter(
+        0.0, "AdamW weight decay (L2-SP: none, the pull toward the start replaces it).", minimum=0)
+    encoder_strength: float = hyperparameter(0.1, "alpha of L2-SP: alpha/2 ||w - w0||^2 on the encoder.", minimum=0)
+    head_strength: float = hyperparameter(0.01, "beta of L2-SP: beta/2 ||W - W0||^2 on the head.", minimum=0)
 
 
 class L2SP(Method):

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustft.methods.base import Method, TrainingHyperparameters, check_same_keys
+from robustft.methods.base import Method, TrainingHyperparameters, check_same_keys, hyperparameter
 
 if TYPE_CHECKING:  # pragma: no cover
     from robustft.training.trainer import TrainContext
@@ -34,11 +34,12 @@ ADAPTER = "default"
 
 @dataclass
 class LoRAHyperparameters(TrainingHyperparameters):
-    rank: int = 8
-    lora_alpha: float = 8.0
-    lora_dropout: float = 0.0
-    target_modules: list[str] | None = None
-    train_head: bool = True
+    rank: int = hyperparameter(8, "Adapter rank r.", minimum=1)
+    lora_alpha: float = hyperparameter(8.0, "Adapter scaling alpha (update = alpha/r BA).", exclusiveMinimum=0)
+    lora_dropout: float = hyperparameter(0.0, "Dropout on the adapter input.", minimum=0, maximum=0.99)
+    target_modules: list[str] | None = hyperparameter(
+        None, "Module name patterns to adapt (null = all encoder Linear layers, else 1x1 convs).")
+    train_head: bool = hyperparameter(True, "Train the classification head fully alongside the adapters.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

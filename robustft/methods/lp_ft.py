@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from robustft.methods.base import Method, TrainingHyperparameters, shared_field_names
+from robustft.methods.base import Method, TrainingHyperparameters, hyperparameter, shared_field_names
 from robustft.methods.linear_probe import LinearProbe
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,9 +25,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class LPFTHyperparameters(TrainingHyperparameters):
-    lp_epochs: int = 10
-    lp_lr: float = 1e-3
-    lp_warmup_steps: int = 0
+    lp_epochs: int = hyperparameter(10, "Epochs of the linear-probe stage (on cached features).", minimum=1)
+    lp_lr: float = hyperparameter(1e-3, "Learning rate of the linear-probe stage.", exclusiveMinimum=0)
+    lp_warmup_steps: int = hyperparameter(0, "Warm-up steps of the linear-probe stage.", minimum=0)
 
 
 class LPFT(Method):

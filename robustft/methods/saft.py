@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustft.methods.base import Method, TrainingHyperparameters, load_checkpoint_file
+from robustft.methods.base import Method, TrainingHyperparameters, hyperparameter, load_checkpoint_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from robustft.training.trainer import TrainContext
@@ -28,7 +28,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @dataclass
 class SAFTHyperparameters(TrainingHyperparameters):
-    fraction: float = 0.001  #: share of all parameters that may change (SAFT paper: 0.1%)
+    fraction: float = hyperparameter(
+        0.001, "Fraction of parameters updated, by top gradient magnitude (SAFT paper 0.1%).",
+        exclusiveMinimum=0, maximum=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from robustft.config import variant_protocol
 from robustft.data.pixels import load_pixel_split
 from robustft.features import load_features
 from robustft.pipeline.stages import read_manifest
@@ -76,7 +77,7 @@ def pcv_finetune_stage(
     """A PCV fold model: the run's method and settings, fine-tuned without some of its own classes as well."""
     _, meta = read_manifest(manifest)
     resolved = json.loads(settings)
-    protocol = resolved["overrides"]["protocol"]
+    protocol = variant_protocol(resolved)
     absent = list(protocol.get("absent_classes", []))
     pseudo = pcv_fold_classes(meta["class_names"], absent, n_folds, fraction, int(seed), int(fold))
     log.info("PCV fold %d: pseudo-absent classes %s (absent: %s)", fold, pseudo, absent)

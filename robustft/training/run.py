@@ -32,7 +32,7 @@ from robustft.data.pixels import PixelSplit
 from robustft.io.atomic import write_json_atomic
 from robustft.io.tables import write_table
 from robustft.methods import get_method
-from robustft.methods.base import resolve_hyperparameters
+from robustft.methods.base import hyperparameter_sources, resolve_hyperparameters
 from robustft.models import ClassificationHead, ImageClassifier
 from robustft.training.checkpoint import save_safetensors
 from robustft.training.protocols import select_protocol
@@ -46,7 +46,7 @@ RUN_RECORD_KEYS = frozenset({
     "method", "variant", "seed", "hyperparameters", "protocol", "absent_classes", "class_names", "backbone", "device",
     "n_train", "n_val", "total_parameters", "trainable_parameters", "trained_module_parameters", "best_epoch",
     "best_val_accuracy", "last_val_accuracy", "steps", "resumed_at_step", "method_info", "checkpoint", "select",
-    "wall_time_s", "versions",
+    "wall_time_s", "versions", "hyperparameter_sources",
 })
 
 
@@ -133,9 +133,10 @@ def finetune_run(
 
     ``hparams``: the variant's overrides (``methods.<method>.<variant>``); ``training``: the config's ``training:``
     block (its ``device`` key is used when ``device`` is "auto"; add the config's top-level ``protocol`` to it, a
-    variant's own ``protocol`` then overrides it). Resolution: trainer defaults ⊕ ``training`` ⊕ the method dataclass's own defaults ⊕ ``hparams``; an unknown
-    key raises ``ValueError``. (Passing the merged dict as ``hparams`` and no ``training`` also works, but then it
-    overrides the method's own defaults, e.g. L2-SP's weight decay 0.) ``train_features`` / ``val_features`` are
+    variant's own ``protocol`` then overrides it). Resolution (``resolve_hyperparameters``): ``hparams`` beats
+    ``training``, which beats the method dataclass's own defaults (e.g. L2-SP's weight decay 0), which beat the
+    trainer's; run.json's ``hyperparameter_sources`` says which gave each value; an unknown key raises
+    ``ValueError``. ``train_features`` / ``val_features`` are
     the cached encoder features aligned with ``train`` / ``val`` rows (needed by linear_probe and lp_ft).
     ``backbone_spec`` may also be a :class:`Backbone` instance. ``checkpoint_dir`` (default ``<run_dir>.resume``)
     holds the resumable state; ``on_step_end(step)`` runs after each optimizer step. ``extra_record``: further
@@ -219,6 +220,7 @@ def finetune_run(
         "variant": variant,
         "seed": int(seed),
         "hyperparameters": dataclasses.asdict(hp),
+        "hyperparameter_sources": hyperparameter_sources(method_cls, training, hparams),
         "protocol": selection.record(),
         "absent_classes": list(selection.absent_classes),
         "class_names": class_names,
