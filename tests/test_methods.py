@@ -7,16 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from robustft.backbones import build_backbone
 from robustft.backbones.base import Backbone
 from robustft.data.pixels import PixelSplit
 from robustft.interpolation import state_dict_distance
 from robustft.methods import get_method
 from robustft.methods.base import resolve_hyperparameters
 from robustft.methods.ewc import EWC
-from robustft.methods.lora import lora_delta
 from robustft.models import ImageClassifier
 from robustft.training.protocols import select_class_subset, select_kshot, select_protocol
 from robustft.training.run import build_reference_model, finetune_run, load_run_state, seeded_and_deterministic
@@ -199,123 +196,6 @@ def test_ewc_penalty_is_zero_at_pretrained_and_its_gradient_is_lambda_f_delta():
         assert torch.allclose(grad, expected, atol=1e-7), name
 
 
-def test_saft_changes_only_its_mask_of_the_configured_fraction(tmp_path):
-    fraction = 0.05
-    method, result, _ = train_directly("saft", {"fraction": fraction, "select": "last"})
-    reference = reference_model().state_dict()
-    trained = result.model.state_dict()
-    total = sum(p.numel() for p in reference_model().parameters())
-    assert sum(int(m.sum()) for m in method.masks.values()) == round(fraction * total)
-    changed = 0
-    for key, value in reference.items():
-        mask = method.masks.get(key, torch.zeros_like(value, dtype=torch.bool))
-        assert torch.equal(trained[key][~mask], value[~mask]), key  # outside the mask: bit-identical (buffers too)
-        changed += int((trained[key][mask] != value[mask]).sum())
-    assert changed > 0
-
-    record = run("saft", tmp_path / "run", {"fraction": fraction, "select": "last"})
-    assert record["trainable_parameters"] == round(fraction * total)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run.json", "sparse_update.safetensors",
-                                                                     "train_log.parquet"]
-    stored = state_of(tmp_path / "run")
-    for key in reference:
-        assert torch.equal(stored[key], trained[key]), key  # the sparse file rebuilds the trained model exactly
-
-
-def test_lora_keeps_base_weights_stores_adapters_only_and_merges_exactly(tmp_path):
-    method, result, ctx = train_directly("lora", {"rank": 2, "lora_alpha": 4, "select": "last"})
-    reference = reference_model().state_dict()
-    trained = result.model.state_dict()
-    for key, value in reference.items():
-        base = key.replace("point.weight", "point.base_layer.weight").replace("point.bias", "point.base_layer.bias")
-        if not key.startswith("head."):
-            assert torch.equal(trained[base], value), key  # base weights and BatchNorm statistics untouched
-    assert sorted(k[: -len(".weight")] for k in method.layers) == ["encoder.point"]  # the 1x1 conv by default
-
-    run("lora", tmp_path / "run", {"rank": 2, "lora_alpha": 4, "select": "last"})
-    from safetensors.torch import load_file
-
-    stored = load_file(str(tmp_path / "run" / "adapter.safetensors"))
-    assert sorted(stored) == ["encoder.point.weight.lora_A", "encoder.point.weight.lora_B", "head.bias", "head.weight"]
-    assert stored["encoder.point.weight.lora_B"].abs().sum() > 0  # B starts at zero; it trained
-
-    merged = reference_model()
-    merged.load_state_dict(state_of(tmp_path / "run"))
-    merged.eval(), result.model.eval()
-    x = ctx.normalize(VAL.pixels)
-    with torch.no_grad():
-        assert torch.allclose(merged(x), result.model(x), atol=1e-5)
-        assert not torch.allclose(reference_model().eval()(x), result.model(x), atol=1e-3)
-
-
-def test_lora_on_open_clip_adapts_the_mlp_linears_and_merges_exactly(tmp_path, tiny_open_clip):
-    from robustft.training.checkpoint import save_safetensors
-
-    spec = {"name": "open_clip", "model": tiny_open_clip["model"], "model_config": tiny_open_clip["model_config"],
-            "pretrained": tiny_open_clip["checkpoint"], "templates": "simple"}
-    backbone = build_backbone(spec)
-    train_split = tiny_data(2, 0, size=32)
-    method_cls = get_method("lora")
-    ctx = context(method_cls, {"select": "last", "epochs": 1, "batch_size": 3, "lr": 1e-2}, backbone=backbone,
-                  train=train_split, val=train_split)
-    method = method_cls(ctx.hp)
-    head = {"head.weight": 0.1 * torch.randn(3, backbone.feature_dim), "head.bias": torch.zeros(3)}
-    with seeded_and_deterministic(0):
-        result = train(build_reference_model(backbone, head, 3), method, ctx)
-    adapted = sorted(k.split("resblocks.")[1] for k in method.layers)
-    assert adapted == ["0.mlp.c_fc.weight", "0.mlp.c_proj.weight", "1.mlp.c_fc.weight", "1.mlp.c_proj.weight"]
-
-    save_safetensors(tmp_path / method.checkpoint_file, result.tensors, result.metadata)
-    merged = build_reference_model(backbone, head, 3)
-    merged.load_state_dict(method_cls.load_finetuned_state(merged.state_dict(), tmp_path))
-    x = ctx.normalize(train_split.pixels)
-    with torch.no_grad():
-        assert torch.allclose(merged.eval()(x), result.model.eval()(x), atol=1e-5)
-
-
-def test_lora_delta_matches_the_layers_it_merges():
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g)
-    assert torch.allclose(lora_delta(a, b, 0.5), 0.5 * b @ a)
-    a4, b4 = torch.randn(2, 3, 3, 3, generator=g), torch.randn(4, 2, 1, 1, generator=g)
-    x = torch.randn(1, 3, 6, 6, generator=g)
-    composed = nn.functional.conv2d(nn.functional.conv2d(x, a4), b4)
-    assert torch.allclose(nn.functional.conv2d(x, lora_delta(a4, b4, 1.0)), composed, atol=1e-5)
-
-
-def test_flyp_trains_both_towers_and_rebuilds_the_head_from_the_text_tower(tmp_path, tiny_open_clip):
-    from robustft.backbones.open_clip_backbone import text_head_weights
-    from robustft.backbones.templates import get_templates
-
-    spec = {"name": "open_clip", "model": tiny_open_clip["model"], "model_config": tiny_open_clip["model_config"],
-            "pretrained": tiny_open_clip["checkpoint"], "templates": "ensemble7"}
-    backbone = build_backbone(spec)
-    train_split, val_split = tiny_data(2, 0, size=32), tiny_data(1, 1, size=32)
-    method_cls = get_method("flyp")
-    ctx = context(method_cls, {"select": "last", "batch_size": 6, "epochs": 2, "lr": 1e-3}, backbone=backbone,
-                  train=train_split, val=val_split)
-    method = method_cls(ctx.hp)
-    reference_head_weights = backbone.zeroshot_head_weights(CLASSES, device="cpu")
-    reference = build_reference_model(backbone, {"head.weight": reference_head_weights,
-                                                 "head.bias": torch.zeros(3)}, 3)
-    with seeded_and_deterministic(0):
-        result = train(reference, method, ctx)
-    pretrained, _ = backbone.build_clip()
-    tuned = result.model.clip
-    moved = lambda prefix: any(  # noqa: E731
-        not torch.equal(p, dict(pretrained.named_parameters())[n]) for n, p in tuned.named_parameters() if n.startswith(prefix)
-    )
-    assert moved("visual.") and moved("transformer.")  # both towers
-    assert not torch.equal(tuned.logit_scale, pretrained.logit_scale)
-    expected_head = text_head_weights(tuned, method.tokenizer, CLASSES, get_templates("ensemble7"))
-    assert torch.equal(result.tensors["head.weight"], expected_head)
-    assert not torch.allclose(expected_head, reference_head_weights)
-    assert set(result.tensors) == set(reference.state_dict())
-
-    with pytest.raises(ValueError, match="open_clip"):
-        run("flyp", tmp_path / "no_clip")
-
-
 def test_kshot_selection_is_seeded_with_k_per_class_and_names_a_short_class():
     labels = np.array([0] * 5 + [1] * 3 + [2] * 4)
     chosen = select_kshot(labels, CLASSES, 3, seed=0)
@@ -347,25 +227,3 @@ def test_class_subset_selection_and_run_record(tmp_path):
     assert state["head.weight"].shape[0] == 3  # the head keeps every class
     on_disk = json.loads((tmp_path / "run" / "run.json").read_text())
     assert on_disk["protocol"]["absent_classes"] == ["cat"]
-
-
-def test_saft_top_fraction_masks_pick_the_global_largest_scores():
-    from robustft.methods.saft import top_fraction_masks
-
-    scores = {"a": torch.tensor([[0.1, 0.9], [0.3, 0.2]]), "b": torch.tensor([0.8, 0.05, 0.7, 0.0])}
-    masks = top_fraction_masks(scores, 0.25)  # 8 entries -> 2 largest: 0.9 (a) and 0.8 (b)
-    assert masks["a"].tolist() == [[False, True], [False, False]]
-    assert masks["b"].tolist() == [True, False, False, False]
-    assert int(top_fraction_masks(scores, 1e-6)["a"].sum()) == 1  # at least one entry
-
-
-def test_flyp_contrastive_loss_matches_open_clip():
-    from open_clip.loss import ClipLoss
-
-    from robustft.methods.flyp import clip_contrastive_loss
-
-    g = torch.Generator().manual_seed(0)
-    image = nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
-    text = nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
-    scale = torch.tensor(20.0)
-    assert torch.allclose(clip_contrastive_loss(image, text, scale), ClipLoss()(image, text, scale), atol=1e-6)

@@ -4,9 +4,11 @@ Contrastive fine-tuning of both CLIP towers and the logit scale: each training i
 ``template.format(class name)`` for a template drawn at random per example (FLYP samples one (image, template) row
 per draw), and the loss is the symmetric CLIP InfoNCE with diagonal labels, so same-class pairs in a batch count as
 negatives, as in FLYP. After each step the logit scale is clamped to [0, ln 100] (open_clip ``train.py``).
-Validation, and the stored classifier, use the head rebuilt from the fine-tuned text tower with
-:func:`text_head_weights` (the wise-ft zero-shot recipe with the backbone's templates). The run stores the image
-encoder and that head as an ``ImageClassifier`` state (``model.safetensors``). FLYP's paper setting is AdamW lr 1e-5,
+Training prompts, validation, and the stored classifier use the template set ``templates``, by default the
+reference head's (``TrainContext.templates``, the config's ``backbone.templates``), so that the alpha = 0 head and
+FLYP's head come from the same prompts; the head is rebuilt from the fine-tuned text tower with
+:func:`text_head_weights` (the wise-ft zero-shot recipe). The run stores the image encoder and that head as an
+``ImageClassifier`` state (``model.safetensors``). FLYP's paper setting is AdamW lr 1e-5,
 wd 0.1, batch 512, 10 epochs; the lr is left to the config. open_clip backbones only.
 """
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustft.methods.base import Method, TrainingHyperparameters, hyperparameter
-from robustft.models import ClassificationHead
+from robustft.methods.clip_towers import build_clip_for, clip_predictor, reference_templates, stored_head
 
 if TYPE_CHECKING:  # pragma: no cover
     from robustft.training.trainer import Batch, TrainContext
@@ -32,7 +34,8 @@ MAX_LOGIT_SCALE = math.log(100.0)
 @dataclass
 class FLYPHyperparameters(TrainingHyperparameters):
     templates: str | None = hyperparameter(
-        None, "Prompt template set of the training pairs (null = backbone.templates, the reference head's).")
+        None, "Prompt template set for the training pairs and the rebuilt head (null = backbone.templates, the "
+        "alpha = 0 head's; another set makes WiSE-FT mix two prompt sets).")
 
 
 class FlypModel(nn.Module):
@@ -57,13 +60,8 @@ class FLYP(Method):
     def prepare(self, model: nn.Module, ctx: "TrainContext") -> nn.Module:
         from robustft.backbones.templates import get_templates
 
-        if not callable(getattr(ctx.backbone, "build_clip", None)):
-            raise ValueError(
-                f"flyp fine-tunes CLIP's text tower too: it needs an open_clip backbone, got "
-                f"{type(ctx.backbone).__name__}"
-            )
-        clip, self.tokenizer = ctx.backbone.build_clip()
-        self.templates = list(get_templates(self.hp.templates or ctx.backbone.templates))
+        clip, self.tokenizer = build_clip_for(ctx, "flyp fine-tunes CLIP's text tower too")
+        self.templates = list(get_templates(self.hp.templates or reference_templates(ctx)))
         self.prompt_names = list(ctx.prompt_names or ctx.class_names)
         model.cpu()  # not trained (the image encoder is the CLIP model's visual tower): off the GPU
         flyp = FlypModel(clip).to(ctx.device)
@@ -85,28 +83,15 @@ class FLYP(Method):
     def after_step(self, model: nn.Module, ctx: "TrainContext") -> None:
         model.clip.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
-    def head_weights(self, model: nn.Module) -> Tensor:
-        from robustft.backbones.open_clip_backbone import text_head_weights
-
-        return text_head_weights(model.clip, self.tokenizer, self.prompt_names, self.templates)
-
     def predictor(self, model: nn.Module, ctx: "TrainContext") -> Callable[[Tensor], Tensor]:
-        weights = self.head_weights(model)
-        head = ClassificationHead(weights.shape[1], weights.shape[0], normalize=True).to(ctx.device)
-        with torch.no_grad():
-            head.weight.copy_(weights)
-            head.bias.zero_()
-        return lambda pixels: head(model.clip.encode_image(pixels).float())
+        return clip_predictor(model.clip, stored_head(model.clip, self.tokenizer, self.prompt_names, self.templates))
 
     def checkpoint_tensors(self, model: nn.Module, ctx: "TrainContext") -> dict[str, Tensor]:
         from robustft.backbones.open_clip_backbone import encoder_from_clip
 
         encoder = encoder_from_clip(model.clip)
         state = {f"encoder.{k}": v.detach().clone() for k, v in encoder.state_dict().items()}
-        weights = self.head_weights(model)
-        state["head.weight"] = weights
-        state["head.bias"] = torch.zeros(weights.shape[0], dtype=weights.dtype)
-        return state
+        return {**state, **stored_head(model.clip, self.tokenizer, self.prompt_names, self.templates)}
 
     def summary(self, model: nn.Module, ctx: "TrainContext") -> dict[str, Any]:
         return {"templates": len(self.templates), "logit_scale": float(model.clip.logit_scale.exp())}
