@@ -64,14 +64,15 @@ def write_pixel_cache(
     image_size: int,
     interpolation: str,
     attrs: dict[str, Any],
-    workers: int = 2,
+    threads: int = 1,
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
     border: int = 0,
 ) -> None:
     """Decode ``rows`` (manifest rows of one domain/split) into ``out_path``, streaming in batches.
 
-    Decoding runs in a thread pool (PIL releases the GIL while decoding); memory holds one batch at a time.
+    Decoding runs in ``threads`` threads (PIL releases the GIL while decoding and resizing); memory holds one batch
+    at a time. ``progress(n)`` is called after each batch of ``n`` images.
     """
     root = Path(root)
     n = len(rows)
@@ -83,7 +84,7 @@ def write_pixel_cache(
     paths = [root / p for p in rows["path"]]
     decode = lambda p: decode_for_cache(p, image_size, interpolation, border)  # noqa: E731
     parts = list(_batches(n, batch_size))
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    with ThreadPoolExecutor(max(1, threads)) as pool:
         # the first batch is decoded before the file is created: it decides whether compression pays
         first = np.stack(list(pool.map(decode, paths[parts[0]]))) if parts else None
         filters = {"pixels": GZIP_FILTER} if first is not None and compression_pays(first) else None

@@ -8,11 +8,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from robustft.backbones import build_backbone
 from robustft.backbones.base import Backbone
-from robustft.data.adapters import get_adapter
+from robustft.data.registry import get_adapter
 from robustft.data.build import build_manifest, verify_manifest_files
 from robustft.data.manifest import MANIFEST_COLUMNS, DatasetError, select_rows
 from robustft.data.pixels import pixel_cache_attrs, write_pixel_cache
@@ -20,18 +19,19 @@ from robustft.features import FEATURE_COLUMNS, extract_features, load_features
 from robustft.heads import fit_linear_probe
 from robustft.io.arrays import open_arrays, read_attrs
 from robustft.io.atomic import atomic_path, write_json_atomic
+from robustft.io.progress import ProgressLog
 from robustft.io.tables import read_table, read_table_metadata, write_table
 
 log = logging.getLogger("robustft")
 
 
 def manifest_stage(
-    dataset: str, root: str, domains: list[str], split: dict[str, Any], on_bad_image: str, workers: int, out: str
+    *, dataset: str, root: str, domains: list[str], split: dict[str, Any], on_bad_image: str, threads: int, out: str
 ) -> None:
-    """Scan, verify, split and label the dataset; write the manifest Parquet with its metadata."""
+    """Scan, check, split and label the dataset (``threads`` decoding threads); write the manifest Parquet."""
     frame, meta = build_manifest(
         get_adapter(dataset), root, domains, split["val_fraction"], split["test_fraction"], split["seed"],
-        on_bad_image, workers,
+        on_bad_image=on_bad_image, threads=threads,
     )
     write_table(out, frame, meta)
     counts = frame[~frame["skipped"]].groupby(["domain", "split"]).size()
@@ -44,7 +44,7 @@ def read_manifest(path: str | Path) -> tuple[Any, dict[str, Any]]:
 
 
 def pixel_stage(
-    manifest: str, domain: str, split: str, max_per_class: int | None, backbone_spec: dict, workers: int, out: str
+    *, manifest: str, domain: str, split: str, max_per_class: int | None, backbone_spec: dict, threads: int, out: str
 ) -> None:
     """Decode one (domain, split) of the manifest into a uint8 pixel cache at the backbone's preprocessing."""
     frame, meta = read_manifest(manifest)
@@ -55,9 +55,9 @@ def pixel_stage(
     pre = build_backbone(backbone_spec).preprocessing
     attrs = pixel_cache_attrs(meta["manifest_hash"], pre.pixel_key, domain, split, max_per_class)
     border = get_adapter(meta["dataset"]).border_crop(domain)
-    with tqdm(total=len(rows), desc=f"decode {domain}_{split}", mininterval=5) as bar:
-        write_pixel_cache(rows, meta["root"], out, pre.image_size, pre.interpolation, attrs, workers,
-                          progress=bar.update, border=border)
+    with ProgressLog(f"decode {domain}_{split}", len(rows)) as progress:
+        write_pixel_cache(rows, meta["root"], out, pre.image_size, pre.interpolation, attrs, threads=threads,
+                          progress=progress.update, border=border)
     log.info("pixel cache %s: %d images at %s", out, len(rows), pre.pixel_key)
 
 
@@ -67,7 +67,7 @@ def feature_attrs(pixel_attrs: dict[str, Any], backbone: Backbone) -> dict[str, 
     return {"kind": "features", **{k: pixel_attrs[k] for k in keep}, **backbone.identity()}
 
 
-def features_stage(pixels: str, backbone_spec: dict, batch_size: int, device: str, out: str) -> None:
+def features_stage(*, pixels: str, backbone_spec: dict, batch_size: int, device: str, out: str) -> None:
     """Encode a pixel cache with the pre-trained encoder into a feature cache."""
     backbone = build_backbone(backbone_spec)
     with open_arrays(pixels, ()) as handle:
@@ -76,9 +76,9 @@ def features_stage(pixels: str, backbone_spec: dict, batch_size: int, device: st
         raise DatasetError(f"{pixels}: stale pixel cache for preprocessing {backbone.preprocessing.pixel_key}")
     encoder = backbone.build_encoder()
     n = int(pixel_attrs["n_rows"])
-    with tqdm(total=n, desc=f"encode {Path(pixels).stem}", mininterval=5) as bar:
+    with ProgressLog(f"encode {Path(pixels).stem}", n) as progress:
         extract_features(encoder, pixels, out, backbone.preprocessing, feature_attrs(pixel_attrs, backbone),
-                         batch_size, device, progress=bar.update)
+                         batch_size=batch_size, device=device, progress=progress.update)
     log.info("features %s: %d x %d", out, n, backbone.feature_dim)
 
 
