@@ -15,8 +15,8 @@ from robustft.data.registry import get_adapter
 from robustft.data.build import build_manifest, verify_manifest_files
 from robustft.data.manifest import MANIFEST_COLUMNS, DatasetError, select_rows
 from robustft.data.pixels import pixel_cache_attrs, write_pixel_cache
-from robustft.features import FEATURE_COLUMNS, extract_features, load_features
-from robustft.heads import fit_linear_probe
+from robustft.features import FEATURE_COLUMNS, FeatureChunks, extract_features
+from robustft.heads import fit_linear_probe, head_accuracy
 from robustft.io.arrays import open_arrays, read_attrs
 from robustft.io.atomic import atomic_path, write_json_atomic
 from robustft.io.progress import ProgressLog
@@ -88,15 +88,18 @@ def expected_feature_attrs(manifest_meta: dict[str, Any], backbone: Backbone) ->
 
 
 def reference_stage(
-    manifest: str, backbone_spec: dict, train_features: str, val_features: str, reference_cfg: dict, templates: str,
+    *, manifest: str, backbone_spec: dict, train_features: str, val_features: str, reference_cfg: dict, templates: str,
     out_head: str, out_json: str,
 ) -> None:
-    """The reference head: CLIP zero-shot head from prompts, or a linear probe chosen on ID validation."""
+    """The reference head: CLIP zero-shot head from prompts, or a linear probe chosen on ID validation.
+
+    Features are read in chunks (:class:`FeatureChunks`): memory is bounded by a chunk, not by the ID train split.
+    """
     _, meta = read_manifest(manifest)
     backbone = build_backbone(backbone_spec)
     expected = expected_feature_attrs(meta, backbone)
-    train = load_features(train_features, expected)
-    val = load_features(val_features, expected)
+    train = FeatureChunks(train_features, expected)
+    val = FeatureChunks(val_features, expected)
     num_classes = len(meta["class_names"])
     info: dict[str, Any] = {"kind": backbone.reference_head_kind, "backbone": backbone.identity(),
                             "class_names": meta["class_names"], "manifest_hash": meta["manifest_hash"]}
@@ -107,14 +110,10 @@ def reference_stage(
         bias = torch.zeros(num_classes)
         info["templates"] = templates
     else:
-        fit = fit_linear_probe(train["features"], train["labels"], val["features"], val["labels"], num_classes,
-                               reference_cfg["l2_grid"], reference_cfg["max_iter"])
+        fit = fit_linear_probe(train, val, num_classes, reference_cfg["l2_grid"], reference_cfg["max_iter"])
         weight, bias = fit.weight, fit.bias
         info.update({"l2": fit.l2, "l2_grid_val_accuracy": fit.grid})
-    feats = val["features"]
-    if backbone.features_normalized:
-        feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    info["val_accuracy"] = float(((feats @ weight.T + bias).argmax(1) == val["labels"]).float().mean())
+    info["val_accuracy"] = head_accuracy(val, weight, bias, normalize=backbone.features_normalized)
     with atomic_path(out_head) as tmp:
         save_file({"head.weight": weight.contiguous(), "head.bias": bias.contiguous()}, str(tmp))
     write_json_atomic(out_json, info)
