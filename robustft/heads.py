@@ -30,6 +30,9 @@ class TensorChunks:
         return int(self.labels.shape[0])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.rows >= len(self):  # the same tensors on every pass (the fit standardises them once)
+            yield self.features, self.labels
+            return
         for start in range(0, len(self), self.rows):
             yield self.features[start : start + self.rows], self.labels[start : start + self.rows]
 
@@ -93,11 +96,18 @@ def fit_logistic_regression(
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
                                   tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
+    last: list[torch.Tensor] = []  # the last chunk and its standardised copy: a one-chunk source is standardised once
+
+    def standardized(features: torch.Tensor) -> torch.Tensor:
+        if not last or last[0] is not features:
+            last[:] = [features, (features.double() - stats.mean) / stats.std]
+        return last[1]
+
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         total = torch.zeros((), dtype=torch.float64)
         for features, labels in chunks:
-            z = (features.double() - stats.mean) / stats.std
+            z = standardized(features)
             loss = F.cross_entropy(z @ weight.T + bias, labels.long(), reduction="sum") / stats.n
             loss.backward()
             total += loss.detach()

@@ -97,6 +97,25 @@ def test_pixel_cache_round_trip(dataset, pixel_cache):
     assert _leftovers(out.parent) == []
 
 
+def test_a_bad_image_mid_stream_stops_the_pixel_cache_and_writes_nothing(dataset, tmp_path):
+    """Batches are decoded one ahead of the write: a failure in a later batch still leaves no file behind."""
+    from robustft.data.images import BadImageError
+
+    root, frame, meta = dataset
+    rows = select_rows(frame, "dom", "train")
+    broken = tmp_path / "root"
+    for path in rows["path"]:
+        (broken / path).parent.mkdir(parents=True, exist_ok=True)
+        (broken / path).write_bytes((root / path).read_bytes())
+    (broken / rows["path"].iloc[10]).write_bytes(b"not an image any more")  # in the third batch of 4
+    out = tmp_path / "out" / "p.h5"
+    out.parent.mkdir()
+    attrs = pixel_cache_attrs(meta["manifest_hash"], PRE.pixel_key, "dom", "train", None)
+    with pytest.raises(BadImageError, match=rows["path"].iloc[10]):
+        write_pixel_cache(rows, broken, out, SIZE, "bilinear", attrs, threads=2, batch_size=4)
+    assert list(out.parent.iterdir()) == []
+
+
 def test_pixel_batches_stream_the_same_pixels(pixel_cache):
     out, _, attrs = pixel_cache
     whole = load_pixel_split(out, attrs)
