@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from robustft.data.adapters import EvalProjection
-from robustft.data.registry import DATASETS, get_adapter
 from robustft.data.classlists import (
     IMAGENET_A_SUBLIST,
     IMAGENET_R_SUBLIST,
@@ -22,6 +21,7 @@ from robustft.data.classlists import (
 from robustft.data.domainnet import DOMAINNET_COUNTS, DomainNetAdapter
 from robustft.data.imagenet import IMAGENET_COUNTS, ImageNetAdapter
 from robustft.data.manifest import MANIFEST_COLUMNS, DatasetError
+from robustft.data.registry import DATASETS, get_adapter
 
 WNIDS = imagenet_wnids()
 

@@ -13,9 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from robustft.data.adapters import PACS_CLASSES, PACS_COUNTS, DatasetAdapter, PacsAdapter
-from robustft.data.registry import get_adapter
 import robustft.data.build as build_module
+from robustft.data.adapters import PACS_CLASSES, PACS_COUNTS, DatasetAdapter, PacsAdapter
 from robustft.data.build import build_manifest, verify_manifest_files
 from robustft.data.images import check_image, decode_for_cache
 from robustft.data.manifest import (
@@ -26,6 +25,7 @@ from robustft.data.manifest import (
     scan_domain_folders,
     select_rows,
 )
+from robustft.data.registry import get_adapter
 
 DOMAINS = ["alpha", "beta"]
 CLASSES = ["cat", "ant", "bee"]  # deliberately unsorted: labels follow sorted class names

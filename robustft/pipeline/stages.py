@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 
 from robustft.backbones import build_backbone
 from robustft.backbones.base import Backbone
-from robustft.data.registry import get_adapter
 from robustft.data.build import build_manifest, verify_manifest_files
 from robustft.data.manifest import MANIFEST_COLUMNS, DatasetError, select_rows
 from robustft.data.pixels import pixel_cache_attrs, write_pixel_cache
+from robustft.data.registry import get_adapter
 from robustft.features import FEATURE_COLUMNS, FeatureChunks, extract_features
 from robustft.heads import fit_linear_probe, head_accuracy
 from robustft.io.arrays import open_arrays, read_attrs
