@@ -222,6 +222,41 @@ def extract_features(
                 progress(feats.shape[0])
 
 
+#: Bytes of float32 features per chunk that :class:`FeatureChunks` reads (6,553 rows of 1280-d EfficientNet features).
+FEATURE_CHUNK_BYTES = 32 << 20
+
+
+class FeatureChunks:
+    """A validated feature cache as a re-iterable source of (features, labels) row chunks (:data:`robustft.heads.Chunks`).
+
+    Each pass opens the file and reads ``chunk_bytes`` of features at a time, so memory holds one chunk whatever the
+    split's size; a cache that fits in one chunk is read once and kept (the linear probe makes hundreds of passes).
+    """
+
+    def __init__(self, path: str | Path, expected_attrs: dict[str, Any] | None = None,
+                 chunk_bytes: int = FEATURE_CHUNK_BYTES) -> None:
+        self.path, self.expected_attrs = Path(path), expected_attrs
+        with open_arrays(path, FEATURE_COLUMNS, expected_attrs) as handle:
+            self.n, self.dim = (int(v) for v in handle["features"].shape)
+        self.rows = max(1, chunk_bytes // (4 * max(1, self.dim)))
+        self._whole: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._whole is not None:
+            yield self._whole
+            return
+        with open_arrays(self.path, FEATURE_COLUMNS, self.expected_attrs) as handle:
+            for start in range(0, self.n, self.rows):
+                part = slice(start, min(self.n, start + self.rows))
+                chunk = torch.from_numpy(handle["features"][part]), torch.from_numpy(handle["labels"][part])
+                if self.n <= self.rows:
+                    self._whole = chunk
+                yield chunk
+
+
 def load_features(path: str | Path, expected_attrs: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """(features, labels, row_ids) of a validated feature cache as tensors."""
     arrays = load_arrays(path, FEATURE_COLUMNS, expected_attrs)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from robustft.data.adapters import DATASETS, EvalProjection, get_adapter
+from robustft.data.adapters import EvalProjection
 from robustft.data.classlists import (
     IMAGENET_A_SUBLIST,
     IMAGENET_R_SUBLIST,
@@ -21,6 +21,7 @@ from robustft.data.classlists import (
 from robustft.data.domainnet import DOMAINNET_COUNTS, DomainNetAdapter
 from robustft.data.imagenet import IMAGENET_COUNTS, ImageNetAdapter
 from robustft.data.manifest import MANIFEST_COLUMNS, DatasetError
+from robustft.data.registry import DATASETS, get_adapter
 
 WNIDS = imagenet_wnids()
 
@@ -82,6 +83,75 @@ def test_registry():
     assert isinstance(get_adapter("imagenet"), ImageNetAdapter)
     assert isinstance(get_adapter("domainnet"), DomainNetAdapter)
     assert {"imagefolder", "pacs", "imagenet", "domainnet"} <= set(DATASETS)
+
+
+def _robustft_imports() -> dict[str, set[str]]:
+    """module -> the robustft modules it imports anywhere in its source (module level, inside functions, or by a
+    literal ``__import__``/``import_module`` name; a registry's "module:Class" strings are data, not imports)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "robustft"
+    names = {}
+    for file in package.rglob("*.py"):
+        parts = file.relative_to(package.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = file
+    graph: dict[str, set[str]] = {}
+    for module, file in names.items():
+        edges = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in names else node.module
+                           for alias in node.names]
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in (
+                    "__import__", "import_module") and node.args and isinstance(node.args[0], ast.Constant):
+                targets = [str(node.args[0].value)]  # __import__("robustft.x") / import_module("robustft.x")
+            edges.update(t for t in targets if t in names and t != module)
+        graph[module] = edges
+    return graph
+
+
+def _cycles_through(graph: dict[str, set[str]], prefix: str) -> list[list[str]]:
+    """Import cycles that pass through a module named ``prefix...`` (a path back to itself)."""
+    cycles = []
+    for start in sorted(m for m in graph if m.startswith(prefix)):
+        stack = [(start, [start])]
+        seen = set()
+        while stack:
+            module, path = stack.pop()
+            for target in sorted(graph[module]):
+                if target == start:
+                    cycles.append(path)
+                elif target not in seen:
+                    seen.add(target)
+                    stack.append((target, path + [target]))
+    return cycles
+
+
+def test_no_data_module_takes_part_in_an_import_circle():
+    graph = _robustft_imports()
+    assert "robustft.data.adapters" in graph["robustft.data.imagenet"]  # the walk sees imports
+    assert _cycles_through(graph, "robustft.data") == []
+    # the walk finds a circle where there is one (also through a function-level import)
+    looped = {**graph, "robustft.data.adapters": graph["robustft.data.adapters"] | {"robustft.data.imagenet"}}
+    assert _cycles_through(looped, "robustft.data.adapters") == [["robustft.data.adapters", "robustft.data.imagenet"]]
+
+
+@pytest.mark.parametrize("statement", [
+    "import robustft.data",
+    "import robustft.data.imagenet",
+    "import robustft.data.domainnet",
+    "from robustft.data.registry import get_adapter; [get_adapter(n) for n in ('imagenet', 'domainnet', 'pacs')]",
+])
+def test_each_data_module_imports_alone(statement):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", statement], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,6 +383,34 @@ def test_domainnet_counts_and_missing_files(tmp_path):
         adapter.scan(root, ["clipart"])
     with pytest.raises(DatasetError, match="unknown DomainNet domain"):
         adapter.scan(root, ["photo"])
+
+
+def test_dangling_symlinks_are_reported_by_the_imagenet_and_domainnet_builds(tmp_path):
+    """A listed file that cannot be read stops the build naming it, or is a recorded skip (not silently dropped)."""
+    from robustft.data.build import build_manifest
+
+    imagenet = tmp_path / "in"
+    for k in range(3):
+        _image(imagenet / "imagenet_a" / WNIDS[6] / f"{k}.jpg", k, "JPEG")
+    (imagenet / "imagenet_a" / WNIDS[6] / "3.jpg").symlink_to("/nonexistent/3.jpg")
+    counts = {"imagenet_a": 4}
+    scanned = ImageNetAdapter(expected_counts=counts).scan(imagenet, ["imagenet_a"])
+    assert sorted(scanned["bytes"] < 0) == [False, False, False, True]
+    with pytest.raises(DatasetError, match=r"unreadable file .*imagenet_a/n01498041/3.jpg: dangling symlink"):
+        build_manifest(ImageNetAdapter(expected_counts=counts), imagenet, ["imagenet_a"], 0.0, 0.0, 0)
+    frame, _ = build_manifest(ImageNetAdapter(expected_counts=counts), imagenet, ["imagenet_a"], 0.0, 0.0, 0,
+                              on_bad_image="skip")
+    assert frame.loc[frame["skipped"], "path"].tolist() == [f"imagenet_a/{WNIDS[6]}/3.jpg"]
+
+    root = _domainnet(tmp_path / "dn", domains=("clipart",), per_class=(3, 3))
+    listed = root / "clipart" / "zigzag" / "clipart_test_002.jpg"
+    listed.unlink()
+    listed.symlink_to(root / "clipart" / "zigzag" / "moved_away.jpg")
+    adapter = DomainNetAdapter(expected_counts={"clipart": 18})
+    with pytest.raises(DatasetError, match="clipart_test_002.jpg: dangling symlink"):
+        build_manifest(adapter, root, ["clipart"], 0.0, 0.0, 0)
+    frame, _ = build_manifest(adapter, root, ["clipart"], 0.0, 0.0, 0, on_bad_image="skip")
+    assert frame.loc[frame["skipped"], "path"].tolist() == ["clipart/zigzag/clipart_test_002.jpg"]
 
 
 def test_domainnet_split_files_in_subfolder_and_inconsistent_labels(tmp_path):

@@ -61,7 +61,7 @@ def dataset(tmp_path_factory):
             path = root / "dom" / class_name / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path)
-    frame, meta = build_manifest(DatasetAdapter(), root, ["dom"], 0.0, 0.0, 0, workers=1)
+    frame, meta = build_manifest(DatasetAdapter(), root, ["dom"], 0.0, 0.0, 0, threads=1)
     return root, frame, meta
 
 
@@ -71,7 +71,7 @@ def pixel_cache(dataset, tmp_path):
     rows = select_rows(frame, "dom", "train")
     attrs = pixel_cache_attrs(meta["manifest_hash"], PRE.pixel_key, "dom", "train", None)
     out = tmp_path / "pixels" / "dom_train.h5"
-    write_pixel_cache(rows, root, out, SIZE, "bilinear", attrs, workers=2, batch_size=4)
+    write_pixel_cache(rows, root, out, SIZE, "bilinear", attrs, threads=2, batch_size=4)
     return out, rows, attrs
 
 
@@ -95,6 +95,25 @@ def test_pixel_cache_round_trip(dataset, pixel_cache):
     assert {k: stored[k] for k in attrs} == attrs
     assert pixel_split_sizes([out]) == [14]
     assert _leftovers(out.parent) == []
+
+
+def test_a_bad_image_mid_stream_stops_the_pixel_cache_and_writes_nothing(dataset, tmp_path):
+    """Batches are decoded one ahead of the write: a failure in a later batch still leaves no file behind."""
+    from robustft.data.images import BadImageError
+
+    root, frame, meta = dataset
+    rows = select_rows(frame, "dom", "train")
+    broken = tmp_path / "root"
+    for path in rows["path"]:
+        (broken / path).parent.mkdir(parents=True, exist_ok=True)
+        (broken / path).write_bytes((root / path).read_bytes())
+    (broken / rows["path"].iloc[10]).write_bytes(b"not an image any more")  # in the third batch of 4
+    out = tmp_path / "out" / "p.h5"
+    out.parent.mkdir()
+    attrs = pixel_cache_attrs(meta["manifest_hash"], PRE.pixel_key, "dom", "train", None)
+    with pytest.raises(BadImageError, match=rows["path"].iloc[10]):
+        write_pixel_cache(rows, broken, out, SIZE, "bilinear", attrs, threads=2, batch_size=4)
+    assert list(out.parent.iterdir()) == []
 
 
 def test_pixel_batches_stream_the_same_pixels(pixel_cache):
@@ -121,6 +140,83 @@ def test_pixel_cache_stale_attrs(pixel_cache, key, value):
     with pytest.raises(StaleCacheError, match=f"stale cache: {key}") as info:
         load_pixel_split(out, {**attrs, key: value})
     assert str(out) in str(info.value)
+
+
+# --- the resize matches open_clip's preprocessing --------------------------------------------------------------------
+
+#: (width, height): landscape 4:3 (500 x 375 -> 298 x 224 at 224 px, where rounding gives 299), portrait, square,
+#: very wide, a side below the target size (upscaled), odd sizes.
+RESIZE_SHAPES = [(500, 375), (375, 500), (300, 300), (1000, 224), (61, 45), (17, 300), (333, 227)]
+#: (mode, format): JPEG for RGB, L and CMYK; PNG for palette (with a transparent index), alpha, 1-bit and 16-bit
+#: images; GIF for a palette without transparency. PIL resizes palette and 1-bit images with NEAREST.
+RESIZE_MODES = [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("P", "GIF"), ("RGBA", "PNG"),
+                ("LA", "PNG"), ("1", "PNG"), ("I;16", "PNG")]
+
+
+def _odd_image(path: Path, size: tuple[int, int], mode: str, fmt: str, seed: int) -> Path:
+    """Smooth gradients plus noise (so that resampling filters differ), with varying alpha, saved in ``mode``."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xx * 255 // max(1, w - 1), yy * 255 // max(1, h - 1), (xx + yy) * 127 // max(1, w + h - 2)], -1)
+    rgb = np.clip(rgb + rng.integers(-40, 40, rgb.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(rgb, "RGB")
+    if mode in ("RGBA", "LA"):
+        image = image.convert("RGBA")
+        image.putalpha(Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L"))
+        image = image.convert(mode)
+    elif mode == "I;16":
+        image = Image.fromarray((np.asarray(image.convert("L"), np.uint16) * 257).astype("<u2"))
+    elif mode != "RGB":
+        image = image.convert(mode)
+    image.save(path, fmt, **({"transparency": 0} if (mode, fmt) == ("P", "PNG") else {}))
+    return path
+
+
+def _open_clip_pixels(image: Image.Image, size: int, interpolation: str) -> np.ndarray:
+    """open_clip's own eval preprocessing (``image_transform(is_train=False)``) up to Normalize, as uint8 (H, W, 3)."""
+    from open_clip.transform import image_transform
+
+    transform = image_transform(size, is_train=False, interpolation=interpolation)
+    assert type(transform.transforms[-1]).__name__ == "Normalize"
+    tensor = transform.transforms[-2](transform.transforms[-3](transform.transforms[1](transform.transforms[0](image))))
+    return (tensor * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize(("mode", "fmt"), RESIZE_MODES, ids=[f"{m}-{f}" for m, f in RESIZE_MODES])
+def test_pixel_cache_resize_equals_open_clips_preprocessing(tmp_path, mode, fmt):
+    """Every aspect ratio and mode: the cached pixels are exactly open_clip's preprocess before Normalize (bicubic,
+    the CLIP models) and torchvision's Resize + CenterCrop (bilinear, EfficientNet-Lite0)."""
+    for i, shape in enumerate(RESIZE_SHAPES):
+        path = _odd_image(tmp_path / f"{i}.{fmt.lower()}", shape, mode, fmt, seed=i)
+        with Image.open(path) as raw:
+            assert raw.mode == mode, (raw.mode, mode)
+        for size, interpolation in ((224, "bicubic"), (32, "bicubic"), (96, "bilinear")):
+            with Image.open(path) as image:
+                expected = _open_clip_pixels(image, size, interpolation)
+            cached = decode_for_cache(path, size, interpolation)
+            assert cached.shape == (size, size, 3) and cached.dtype == np.uint8
+            assert np.array_equal(cached, expected), (shape, size, interpolation, np.abs(cached.astype(int) - expected).max())
+
+
+def test_resize_truncates_the_long_side_as_torchvision_does(tmp_path):
+    """500 x 375 at 224 px: torchvision resizes to 298 x 224 (int(224 * 500 / 375) = int(298.67)), not 299 x 224."""
+    from torchvision.transforms import functional as TF
+
+    from robustft.data.images import resized_size
+
+    assert resized_size(500, 375, 224) == (298, 224) and resized_size(375, 500, 224) == (224, 298)
+    for w, h in RESIZE_SHAPES:
+        height, width = TF._compute_resized_output_size((h, w), [224])
+        assert resized_size(w, h, 224) == (width, height)
+
+
+def test_objectnet_border_is_cut_before_open_clips_preprocessing(tmp_path):
+    """wise-ft's ObjectNet transform: crop 2 px from every side of the decoded image, then open_clip's preprocess."""
+    path = _odd_image(tmp_path / "o.png", (120, 90), "RGBA", "PNG", seed=3)
+    with Image.open(path) as image:
+        expected = _open_clip_pixels(image.crop((2, 2, 118, 88)), 64, "bicubic")
+    assert np.array_equal(decode_for_cache(path, 64, "bicubic", border=2), expected)
 
 
 # --- crash safety, corrupt files -------------------------------------------------------------------------------------
@@ -343,11 +439,11 @@ def test_pixel_cache_is_compressed_only_where_it_pays(dataset, tmp_path):
             path = root / "dom" / class_name / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(np.full((20, 20, 3), 250 - i, np.uint8)).save(path)
-    frame, meta = build_manifest(DatasetAdapter(), root, ["dom"], 0.0, 0.0, 0, workers=1)
+    frame, meta = build_manifest(DatasetAdapter(), root, ["dom"], 0.0, 0.0, 0, threads=1)
     rows = select_rows(frame, "dom", "train")
     attrs = pixel_cache_attrs(meta["manifest_hash"], PRE.pixel_key, "dom", "train", None)
     flat = tmp_path / "flat.h5"
-    write_pixel_cache(rows, root, flat, SIZE, "bilinear", attrs, workers=1, batch_size=4)
+    write_pixel_cache(rows, root, flat, SIZE, "bilinear", attrs, threads=1, batch_size=4)
     with h5py.File(flat, "r") as handle:
         assert handle["pixels"].compression == "gzip"
     assert load_pixel_split(flat, attrs).pixels.shape == (8, SIZE, SIZE, 3)
@@ -355,7 +451,7 @@ def test_pixel_cache_is_compressed_only_where_it_pays(dataset, tmp_path):
     noisy = tmp_path / "noisy.h5"
     noisy_attrs = pixel_cache_attrs(noisy_meta["manifest_hash"], PRE.pixel_key, "dom", "train", None)
     write_pixel_cache(select_rows(noisy_frame, "dom", "train"), noisy_root, noisy, SIZE, "bilinear", noisy_attrs,
-                      workers=1, batch_size=4)
+                      threads=1, batch_size=4)
     with h5py.File(noisy, "r") as handle:
         assert handle["pixels"].compression is None
 
@@ -430,3 +526,54 @@ def test_an_encoder_failure_mid_stream_stops_the_reader_and_writes_nothing(pixel
 
 def test_pixel_columns_constant():
     assert PIXEL_COLUMNS == ("pixels", "labels", "row_ids")
+
+
+# --- the data stages end to end: keyword interfaces, threads, progress lines ----------------------------------------
+
+
+def test_data_stages_chain_with_progress_lines(tmp_path, monkeypatch, caplog):
+    """manifest -> pixel caches -> feature caches -> reference head, called as the workflow scripts call them."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from robustft.pipeline.stages import features_stage, manifest_stage, pixel_stage, reference_stage
+
+    monkeypatch.setenv("ROBUSTFT_PROGRESS_INTERVAL", "0")
+    root = tmp_path / "data"
+    rng = np.random.default_rng(1)
+    for label, class_name in enumerate(("a", "b")):
+        for i in range(8):
+            pixels = np.clip(rng.normal(60 + 120 * label, 30, (20 + i, 24, 3)), 0, 255).astype(np.uint8)
+            path = root / "dom" / class_name / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path)
+    spec = {"name": "efficientnet_lite0", "image_size": 32}
+    out = tmp_path / "results"
+    with caplog.at_level("INFO", logger="robustft"):
+        manifest_stage(dataset="imagefolder", root=str(root), domains=["dom"],
+                       split={"val_fraction": 0.25, "test_fraction": 0.0, "seed": 0}, on_bad_image="error",
+                       threads=2, out=str(out / "manifest.parquet"))
+        for split in ("train", "val"):
+            pixel_stage(manifest=str(out / "manifest.parquet"), domain="dom", split=split, max_per_class=None,
+                        backbone_spec=spec, threads=2, out=str(out / f"dom_{split}_pixels.h5"))
+            features_stage(pixels=str(out / f"dom_{split}_pixels.h5"), backbone_spec=spec, batch_size=4, device="cpu",
+                           out=str(out / f"dom_{split}.h5"))
+        reference_stage(manifest=str(out / "manifest.parquet"), backbone_spec=spec,
+                        train_features=str(out / "dom_train.h5"), val_features=str(out / "dom_val.h5"),
+                        reference_cfg={"l2_grid": [0.01, 1.0], "max_iter": 30}, templates="simple",
+                        out_head=str(out / "head.safetensors"), out_json=str(out / "reference.json"))
+    lines = [r.getMessage() for r in caplog.records]
+    for prefix in ("progress verify imagefolder: 0/16 images", "done verify imagefolder: 16 images",
+                   "progress decode dom_train: 12/12 images", "done decode dom_train: 12 images",
+                   "done decode dom_val: 4 images", "progress encode dom_train_pixels: 4/12 images",
+                   "done encode dom_val_pixels: 4 images"):
+        assert any(line.startswith(prefix) for line in lines), prefix
+    info = json.loads((out / "reference.json").read_text())
+    head = load_file(str(out / "head.safetensors"))
+    assert head["head.weight"].shape == (2, 1280) and head["head.bias"].shape == (2,)
+    assert info["kind"] == "linear_probe" and info["l2"] in (0.01, 1.0)
+    val = load_features(out / "dom_val.h5")
+    predicted = (val["features"] @ head["head.weight"].T + head["head.bias"]).argmax(1)
+    assert info["val_accuracy"] == (predicted == val["labels"]).double().mean().item()
+    assert info["val_accuracy"] == dict(map(tuple, info["l2_grid_val_accuracy"]))[info["l2"]]

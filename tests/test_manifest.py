@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +13,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from robustft.data.adapters import PACS_CLASSES, PACS_COUNTS, DatasetAdapter, PacsAdapter, get_adapter
+import robustft.data.build as build_module
+from robustft.data.adapters import PACS_CLASSES, PACS_COUNTS, DatasetAdapter, PacsAdapter
 from robustft.data.build import build_manifest, verify_manifest_files
-from robustft.data.images import check_image, decode_for_cache, load_rgb
+from robustft.data.images import check_image, decode_for_cache
 from robustft.data.manifest import (
     MANIFEST_COLUMNS,
     DatasetError,
@@ -21,6 +25,7 @@ from robustft.data.manifest import (
     scan_domain_folders,
     select_rows,
 )
+from robustft.data.registry import get_adapter
 
 DOMAINS = ["alpha", "beta"]
 CLASSES = ["cat", "ant", "bee"]  # deliberately unsorted: labels follow sorted class names
@@ -49,7 +54,7 @@ def make_layout(root: Path, domains=DOMAINS, classes=CLASSES, per_class: int = 1
 
 
 def build(root: Path, seed: int = 0, val: float = 0.2, test: float = 0.3, adapter=None, **kwargs):
-    return build_manifest(adapter or DatasetAdapter(), root, DOMAINS, val, test, seed, workers=1, **kwargs)
+    return build_manifest(adapter or DatasetAdapter(), root, DOMAINS, val, test, seed, threads=1, **kwargs)
 
 
 @pytest.fixture
@@ -111,7 +116,7 @@ def test_split_is_reproducible_and_seeded(layout):
 def test_adding_a_domain_does_not_reshuffle_another(layout):
     frame, _ = build(layout, seed=1)
     make_layout(layout, domains=["gamma"])
-    bigger, _ = build_manifest(DatasetAdapter(), layout, DOMAINS + ["gamma"], 0.2, 0.3, 1, workers=1)
+    bigger, _ = build_manifest(DatasetAdapter(), layout, DOMAINS + ["gamma"], 0.2, 0.3, 1, threads=1)
     cols = ["path", "split", "rank"]
     old = frame[cols].sort_values("path").reset_index(drop=True)
     new = bigger[bigger["domain"].isin(DOMAINS)][cols].sort_values("path").reset_index(drop=True)
@@ -184,14 +189,14 @@ def test_missing_root(tmp_path):
 
 def test_missing_domain_folder(layout):
     with pytest.raises(DatasetError, match="not found") as info:
-        build_manifest(DatasetAdapter(), layout, ["alpha", "gamma"], 0.2, 0.3, 0, workers=1)
+        build_manifest(DatasetAdapter(), layout, ["alpha", "gamma"], 0.2, 0.3, 0, threads=1)
     assert str(layout / "gamma") in str(info.value)
 
 
 def test_empty_domain_folder(layout):
     (layout / "gamma").mkdir()
     with pytest.raises(DatasetError, match="empty") as info:
-        build_manifest(DatasetAdapter(), layout, ["alpha", "gamma"], 0.2, 0.3, 0, workers=1)
+        build_manifest(DatasetAdapter(), layout, ["alpha", "gamma"], 0.2, 0.3, 0, threads=1)
     assert str(layout / "gamma") in str(info.value)
 
 
@@ -279,7 +284,6 @@ def test_non_rgb_images_are_converted_not_rejected(layout, mode, fmt, suffix):
     with Image.open(path) as raw:
         assert raw.mode == mode
     assert check_image(path) is None
-    assert load_rgb(path).mode == "RGB"
     pixels = decode_for_cache(path, 8, "bilinear")
     assert pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8
     frame, _ = build(layout)
@@ -305,11 +309,124 @@ def test_verify_manifest_files_detects_deleted_and_changed_files(layout):
     assert str(deleted) in str(info.value)
 
 
-def test_verify_manifest_files_ignores_skipped_rows(layout):
-    _truncated_jpeg(layout / "alpha" / "ant" / "img_00.jpg")
+def test_verify_manifest_files_ignores_skipped_rows_only(layout):
+    bad = layout / "alpha" / "ant" / "img_00.jpg"
+    _truncated_jpeg(bad)
     frame, _ = build(layout, on_bad_image="skip")
-    (layout / "alpha" / "ant" / "img_00.jpg").unlink()
-    verify_manifest_files(frame, layout)
+    assert frame.loc[frame["path"] == "alpha/ant/img_00.jpg", "skipped"].tolist() == [True]
+    bad.unlink()
+    verify_manifest_files(frame, layout)  # the skipped file is gone: nothing reads it, fine
+    good = layout / frame.loc[~frame["skipped"], "path"].iloc[0]
+    good.unlink()
+    with pytest.raises(DatasetError, match="missing") as info:  # a usable file gone is still refused
+        verify_manifest_files(frame, layout)
+    assert str(good) in str(info.value)
+
+
+# --- files the scan lists but cannot read; draft-mode checks; threads and progress -----------------------------------
+
+
+def test_a_dangling_symlink_stops_the_build_naming_it(layout):
+    link = layout / "beta" / "bee" / "img_99.jpg"
+    link.symlink_to(layout / "nowhere" / "gone.jpg")
+    scanned = scan_domain_folders(layout)
+    assert scanned.loc[scanned["path"] == "beta/bee/img_99.jpg", "bytes"].tolist() == [-1]
+    with pytest.raises(DatasetError) as info:
+        build(layout)
+    message = str(info.value)
+    assert f"unreadable file {link}: dangling symlink to {layout / 'nowhere' / 'gone.jpg'}" in message
+    assert "on_bad_image: skip" in message and "\n" not in message
+
+
+def test_a_dangling_symlink_is_recorded_and_skipped(layout):
+    (layout / "beta" / "bee" / "img_99.jpg").symlink_to("missing_target.jpg")
+    (layout / "alpha" / "cat" / "img_00.jpg").unlink()
+    (layout / "alpha" / "cat" / "img_00.jpg").symlink_to("img_01.jpg")  # a working symlink is an ordinary image
+    frame, meta = build(layout, on_bad_image="skip")
+    skipped = frame[frame["skipped"]]
+    assert skipped["path"].tolist() == ["beta/bee/img_99.jpg"] == meta["skipped"]
+    assert "dangling symlink to missing_target.jpg" in skipped["skip_reason"].iloc[0]
+    assert skipped["bytes"].tolist() == [-1] and skipped["split"].tolist() == ["skipped"]
+    assert len(frame[~frame["skipped"]]) == 60
+    linked = frame[frame["path"] == "alpha/cat/img_00.jpg"]
+    assert not linked["skipped"].any() and linked["bytes"].tolist() == [(layout / "alpha/cat/img_01.jpg").stat().st_size]
+
+
+class VanishingAdapter(DatasetAdapter):
+    """Deletes some files right after the scan listed them (another process cleaning up, a network share)."""
+
+    def __init__(self, vanish: list[str]) -> None:
+        super().__init__()
+        self.vanish = vanish
+
+    def scan(self, root, domains):
+        scanned = super().scan(root, domains)
+        for relative in self.vanish:
+            (Path(root) / relative).unlink()
+        return scanned
+
+
+def test_a_file_that_vanishes_after_the_scan_is_an_error_or_a_recorded_skip(layout):
+    with pytest.raises(DatasetError) as info:
+        build(layout, adapter=VanishingAdapter(["alpha/bee/img_04.jpg"]))
+    assert f"unreadable file {layout / 'alpha/bee/img_04.jpg'}: it vanished after the folder scan" in str(info.value)
+    _save_image(layout / "alpha/bee/img_04.jpg", 4)
+    frame, _ = build(layout, adapter=VanishingAdapter(["alpha/bee/img_04.jpg"]), on_bad_image="skip")
+    skipped = frame[frame["skipped"]]
+    assert skipped["path"].tolist() == ["alpha/bee/img_04.jpg"]
+    assert "vanished after the folder scan" in skipped["skip_reason"].iloc[0]
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_the_draft_mode_check_catches_every_truncation(tmp_path, progressive):
+    """JPEGs are checked at 1/8 scale; cutting the file anywhere still fails, as a full decode does."""
+    path = tmp_path / "full.jpg"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(path, "JPEG", progressive=progressive)
+    data = path.read_bytes()
+    assert check_image(path) is None
+    with Image.open(path) as image:
+        image.draft(None, (1, 1))
+        image.load()
+        assert image.size == (16, 12)  # the check really decodes at 1/8 scale
+    cut = tmp_path / "cut.jpg"
+    for length in list(range(1, len(data), 97)) + [len(data) - 2, len(data) - 1]:
+        cut.write_bytes(data[:length])
+        reason = check_image(cut)
+        assert reason is not None and str(cut) in reason, length
+
+
+def test_checking_uses_the_threads_and_logs_progress(layout, monkeypatch, caplog):
+    monkeypatch.setenv("ROBUSTFT_PROGRESS_INTERVAL", "0")
+    seen_threads: set[str] = set()
+    original = build_module.check_image
+
+    def recording(path):
+        seen_threads.add(threading.current_thread().name)
+        time.sleep(0.002)  # long enough that every thread of the pool gets work
+        return original(path)
+
+    monkeypatch.setattr(build_module, "check_image", recording)
+    monkeypatch.setattr(build_module, "VERIFY_BATCH", 16)
+    with caplog.at_level(logging.INFO, logger="robustft"):
+        frame, meta = build_manifest(DatasetAdapter(), layout, DOMAINS, 0.2, 0.3, 0, threads=3)
+    assert len(seen_threads) > 1
+    single, single_meta = build(layout)
+    pd.testing.assert_frame_equal(frame, single)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("progress verify imagefolder: 16/60 images") for line in lines)
+    assert any(line.startswith("done verify imagefolder: 60 images") for line in lines)
+
+
+def test_in_error_mode_checking_stops_at_the_batch_of_the_first_bad_file(layout, monkeypatch):
+    _truncated_jpeg(layout / "alpha" / "ant" / "img_01.jpg")  # sorted first domain and class: the first batch
+    checked: list[Path] = []
+    original = build_module.check_image
+    monkeypatch.setattr(build_module, "check_image", lambda path: checked.append(path) or original(path))
+    monkeypatch.setattr(build_module, "VERIFY_BATCH", 8)
+    with pytest.raises(DatasetError, match="alpha/ant/img_01.jpg"):
+        build(layout)
+    assert len(checked) == 8
 
 
 # --- adapters --------------------------------------------------------------------------------------------------------
@@ -326,7 +443,7 @@ def test_pacs_adapter_refuses_an_incomplete_copy(tmp_path):
     root = make_layout(tmp_path / "PACS", domains=["photo", "sketch"], classes=PACS_CLASSES, per_class=2)
     adapter = PacsAdapter()
     with pytest.raises(DatasetError) as info:
-        build_manifest(adapter, root, ["photo", "sketch"], 0.2, 0.3, 0, workers=1)
+        build_manifest(adapter, root, ["photo", "sketch"], 0.2, 0.3, 0, threads=1)
     message = str(info.value)
     assert "pacs" in message and "photo" in message
     assert "found 14 images" in message and f"expected {PACS_COUNTS['photo']}" in message
@@ -339,7 +456,7 @@ def test_pacs_adapter_counts_with_patched_expected_counts(tmp_path):
     with pytest.raises(DatasetError, match="domain sketch: found 13 images, expected 14"):
         adapter.check_counts(adapter.scan(root, ["photo", "sketch"]))
     _save_image(root / "sketch" / "dog" / "img_00.jpg", 3)
-    frame, meta = build_manifest(adapter, root, ["photo", "sketch"], 0.2, 0.3, 0, workers=1)
+    frame, meta = build_manifest(adapter, root, ["photo", "sketch"], 0.2, 0.3, 0, threads=1)
     assert meta["class_names"] == PACS_CLASSES and meta["dataset"] == "pacs"
     assert len(frame) == 28
 

@@ -5,5 +5,6 @@ from robustft.pipeline.stages import manifest_stage
 
 with rule_log(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
     p = snakemake.params  # noqa: F821
-    manifest_stage(p.dataset, p.root, list(p.domains), dict(p.split), p.on_bad_image, snakemake.threads,  # noqa: F821
-                   snakemake.output.manifest)  # noqa: F821
+    manifest_stage(dataset=p.dataset, root=p.root, domains=list(p.domains), split=dict(p.split),
+                   on_bad_image=p.on_bad_image, threads=snakemake.threads,  # noqa: F821
+                   out=snakemake.output.manifest)  # noqa: F821

@@ -8,4 +8,5 @@ from robustft.pipeline.stages import features_stage
 with rule_log(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
     torch.set_num_threads(snakemake.params.cpu_threads)  # noqa: F821
     p = snakemake.params  # noqa: F821
-    features_stage(snakemake.input.pixels, dict(p.backbone), p.batch_size, p.device, snakemake.output.features)  # noqa: F821
+    features_stage(pixels=snakemake.input.pixels, backbone_spec=dict(p.backbone), batch_size=p.batch_size,  # noqa: F821
+                   device=p.device, out=snakemake.output.features)  # noqa: F821

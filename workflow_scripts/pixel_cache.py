@@ -5,5 +5,6 @@ from robustft.pipeline.stages import pixel_stage
 
 with rule_log(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
     w, p = snakemake.wildcards, snakemake.params  # noqa: F821
-    pixel_stage(snakemake.input.manifest, w.domain, w.split, p.max_per_class, dict(p.backbone),  # noqa: F821
-                snakemake.threads, snakemake.output.pixels)  # noqa: F821
+    pixel_stage(manifest=snakemake.input.manifest, domain=w.domain, split=w.split,  # noqa: F821
+                max_per_class=p.max_per_class, backbone_spec=dict(p.backbone), threads=snakemake.threads,  # noqa: F821
+                out=snakemake.output.pixels)  # noqa: F821

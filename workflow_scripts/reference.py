@@ -8,4 +8,5 @@ from robustft.pipeline.stages import reference_stage
 with rule_log(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
     torch.set_num_threads(snakemake.params.cpu_threads)  # noqa: F821
     i, p, o = snakemake.input, snakemake.params, snakemake.output  # noqa: F821
-    reference_stage(i.manifest, dict(p.backbone), i.train, i.val, dict(p.reference), p.templates, o.head, o.info)
+    reference_stage(manifest=i.manifest, backbone_spec=dict(p.backbone), train_features=i.train, val_features=i.val,
+                    reference_cfg=dict(p.reference), templates=p.templates, out_head=o.head, out_json=o.info)

@@ -99,20 +99,3 @@ class PacsAdapter(DatasetAdapter):
 
     def class_names(self, scanned: pd.DataFrame) -> list[str]:
         return list(PACS_CLASSES)
-
-
-#: name -> adapter factory; further adapters (ImageNet family, DomainNet) register here.
-DATASETS: dict[str, type[DatasetAdapter]] = {
-    "imagefolder": DatasetAdapter,
-    "pacs": PacsAdapter,
-    # Imported on first use: robustft.data.imagenet / .domainnet import this module.
-    "imagenet": lambda: __import__("robustft.data.imagenet", fromlist=["ImageNetAdapter"]).ImageNetAdapter(),
-    "domainnet": lambda: __import__("robustft.data.domainnet", fromlist=["DomainNetAdapter"]).DomainNetAdapter(),
-}
-
-
-def get_adapter(name: str) -> DatasetAdapter:
-    """The adapter registered under ``name``."""
-    if name not in DATASETS:
-        raise ValueError(f"dataset.name: unknown dataset {name!r}; allowed: {sorted(DATASETS)}")
-    return DATASETS[name]()

@@ -31,7 +31,7 @@ import pandas as pd
 from robustft.data.adapters import DatasetAdapter
 from robustft.data.classlists import domainnet_classes
 from robustft.data.imagenet import check_expected_counts, finalize_per_domain, split_official
-from robustft.data.manifest import IMAGE_SUFFIXES, DatasetError
+from robustft.data.manifest import IMAGE_SUFFIXES, DatasetError, file_bytes
 
 DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 
@@ -109,11 +109,10 @@ class DomainNetAdapter(DatasetAdapter):
                 entries = read_split_file(split_file, domain)
                 missing: list[str] = []
                 for rel, class_name, label in entries:
-                    try:
-                        size = os.stat(root / rel).st_size
-                    except FileNotFoundError:
+                    if not os.path.lexists(root / rel):
                         missing.append(rel)
                         continue
+                    size = file_bytes(root / rel)  # -1 (reported by the build) for a dangling symlink
                     rows.append(
                         {
                             "path": rel,

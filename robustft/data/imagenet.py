@@ -47,7 +47,7 @@ from robustft.data.classlists import (
     imagenet_wnids,
     objectnet_mapping,
 )
-from robustft.data.manifest import IMAGE_SUFFIXES, DatasetError, assign_splits, finalize_manifest
+from robustft.data.manifest import IMAGE_SUFFIXES, DatasetError, assign_splits, file_bytes, finalize_manifest
 
 IMAGENET_DOMAINS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_r", "imagenet_a", "objectnet")
 SHIFT_DOMAINS = IMAGENET_DOMAINS[1:]
@@ -124,7 +124,8 @@ def finalize_per_domain(frame: pd.DataFrame, label_names: Callable[[str], Sequen
 
 
 def _files_under(folder: str) -> list[tuple[str, int]]:
-    """(path, bytes) of every visible file below ``folder``, sorted by path."""
+    """(path, bytes) of every visible file below ``folder``, sorted by path; bytes -1 where it cannot be read
+    (a dangling symlink, a vanished file: :func:`~robustft.data.manifest.file_bytes`)."""
     found: list[tuple[str, int]] = []
     for directory, subdirs, files in os.walk(folder):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
@@ -132,7 +133,7 @@ def _files_under(folder: str) -> list[tuple[str, int]]:
             if name.startswith("."):
                 continue
             path = os.path.join(directory, name)
-            found.append((path, os.stat(path).st_size))
+            found.append((path, file_bytes(path)))
     return found
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -55,10 +57,11 @@ def scan_domain_folders(root: str | Path, domains: Sequence[str] | None = None) 
                 f"classes differ between domains: {root / domain} vs {root / domains[0]} (differing: {extra})"
             )
         for class_dir in class_dirs:
-            # Skip hidden files and anything under a hidden folder (.ipynb_checkpoints/, .git/, ...).
+            # Skip hidden files and anything under a hidden folder (.ipynb_checkpoints/, .git/, ...). Every entry that
+            # is not a folder is listed, also a dangling symlink: the build reports it (bytes -1) instead of losing it.
             files = sorted(
                 p for p in class_dir.rglob("*")
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
+                if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
             )
             if not files:
                 raise DatasetError(f"class folder {class_dir} is empty")
@@ -68,11 +71,21 @@ def scan_domain_folders(root: str | Path, domains: Sequence[str] | None = None) 
                         "path": str(file.relative_to(root)),
                         "class_name": class_dir.name,
                         "domain": domain,
-                        "bytes": file.stat().st_size,
+                        "bytes": file_bytes(file),
                         "is_image_suffix": file.suffix.lower() in IMAGE_SUFFIXES,
                     }
                 )
     return pd.DataFrame(rows)
+
+
+def file_bytes(path: str | Path) -> int:
+    """Size of a regular file (symlinks followed), or -1 when it cannot be read: a dangling symlink, a file that
+    vanished since it was listed, a FIFO or device (never opened), no permission to stat."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return -1
+    return info.st_size if stat.S_ISREG(info.st_mode) else -1
 
 
 def assign_splits(

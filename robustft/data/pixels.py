@@ -64,14 +64,16 @@ def write_pixel_cache(
     image_size: int,
     interpolation: str,
     attrs: dict[str, Any],
-    workers: int = 2,
+    threads: int = 1,
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
     border: int = 0,
 ) -> None:
     """Decode ``rows`` (manifest rows of one domain/split) into ``out_path``, streaming in batches.
 
-    Decoding runs in a thread pool (PIL releases the GIL while decoding); memory holds one batch at a time.
+    Decoding runs in ``threads`` threads (PIL releases the GIL while decoding and resizing); the next batch is
+    decoded while the current one is written, so memory holds two batches. ``progress(n)`` is called after each
+    batch of ``n`` images is written.
     """
     root = Path(root)
     n = len(rows)
@@ -83,17 +85,21 @@ def write_pixel_cache(
     paths = [root / p for p in rows["path"]]
     decode = lambda p: decode_for_cache(p, image_size, interpolation, border)  # noqa: E731
     parts = list(_batches(n, batch_size))
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        # pool.map submits a whole batch at once: its images are decoded while the caller does something else
+        start = lambda part: pool.map(decode, paths[part])  # noqa: E731
         # the first batch is decoded before the file is created: it decides whether compression pays
-        first = np.stack(list(pool.map(decode, paths[parts[0]]))) if parts else None
-        filters = {"pixels": GZIP_FILTER} if first is not None and compression_pays(first) else None
+        batch = np.stack(list(start(parts[0]))) if parts else None
+        filters = {"pixels": GZIP_FILTER} if batch is not None and compression_pays(batch) else None
         with array_writer(out_path, n, columns, attrs, filters) as handle:
             handle["labels"][...] = rows["label"].to_numpy(np.int64)
             handle["row_ids"][...] = rows["row_id"].to_numpy(np.int64)
             for i, part in enumerate(parts):
-                handle["pixels"][part] = first if i == 0 else np.stack(list(pool.map(decode, paths[part])))
+                ahead = start(parts[i + 1]) if i + 1 < len(parts) else None
+                handle["pixels"][part] = batch
                 if progress:
                     progress(part.stop - part.start)
+                batch = np.stack(list(ahead)) if ahead is not None else None
 
 
 def compression_pays(sample: np.ndarray, max_bytes: int = 4 << 20) -> bool:

@@ -21,7 +21,7 @@ from robustft.calibration import (
     pseudo_cv_gamma,
     seen_absent_curve,
 )
-from robustft.data.adapters import get_adapter
+from robustft.data.registry import get_adapter
 from robustft.data.pixels import load_pixel_split
 from robustft.evaluation import EvalSplit, build_classifier, encoder_unchanged, sweep_logits
 from robustft.features import load_features, resolve_device

@@ -8,30 +8,30 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from robustft.backbones import build_backbone
 from robustft.backbones.base import Backbone
-from robustft.data.adapters import get_adapter
 from robustft.data.build import build_manifest, verify_manifest_files
 from robustft.data.manifest import MANIFEST_COLUMNS, DatasetError, select_rows
 from robustft.data.pixels import pixel_cache_attrs, write_pixel_cache
-from robustft.features import FEATURE_COLUMNS, extract_features, load_features
-from robustft.heads import fit_linear_probe
+from robustft.data.registry import get_adapter
+from robustft.features import FEATURE_COLUMNS, FeatureChunks, extract_features
+from robustft.heads import fit_linear_probe, head_accuracy
 from robustft.io.arrays import open_arrays, read_attrs
 from robustft.io.atomic import atomic_path, write_json_atomic
+from robustft.io.progress import ProgressLog
 from robustft.io.tables import read_table, read_table_metadata, write_table
 
 log = logging.getLogger("robustft")
 
 
 def manifest_stage(
-    dataset: str, root: str, domains: list[str], split: dict[str, Any], on_bad_image: str, workers: int, out: str
+    *, dataset: str, root: str, domains: list[str], split: dict[str, Any], on_bad_image: str, threads: int, out: str
 ) -> None:
-    """Scan, verify, split and label the dataset; write the manifest Parquet with its metadata."""
+    """Scan, check, split and label the dataset (``threads`` decoding threads); write the manifest Parquet."""
     frame, meta = build_manifest(
         get_adapter(dataset), root, domains, split["val_fraction"], split["test_fraction"], split["seed"],
-        on_bad_image, workers,
+        on_bad_image=on_bad_image, threads=threads,
     )
     write_table(out, frame, meta)
     counts = frame[~frame["skipped"]].groupby(["domain", "split"]).size()
@@ -44,7 +44,7 @@ def read_manifest(path: str | Path) -> tuple[Any, dict[str, Any]]:
 
 
 def pixel_stage(
-    manifest: str, domain: str, split: str, max_per_class: int | None, backbone_spec: dict, workers: int, out: str
+    *, manifest: str, domain: str, split: str, max_per_class: int | None, backbone_spec: dict, threads: int, out: str
 ) -> None:
     """Decode one (domain, split) of the manifest into a uint8 pixel cache at the backbone's preprocessing."""
     frame, meta = read_manifest(manifest)
@@ -55,9 +55,9 @@ def pixel_stage(
     pre = build_backbone(backbone_spec).preprocessing
     attrs = pixel_cache_attrs(meta["manifest_hash"], pre.pixel_key, domain, split, max_per_class)
     border = get_adapter(meta["dataset"]).border_crop(domain)
-    with tqdm(total=len(rows), desc=f"decode {domain}_{split}", mininterval=5) as bar:
-        write_pixel_cache(rows, meta["root"], out, pre.image_size, pre.interpolation, attrs, workers,
-                          progress=bar.update, border=border)
+    with ProgressLog(f"decode {domain}_{split}", len(rows)) as progress:
+        write_pixel_cache(rows, meta["root"], out, pre.image_size, pre.interpolation, attrs, threads=threads,
+                          progress=progress.update, border=border)
     log.info("pixel cache %s: %d images at %s", out, len(rows), pre.pixel_key)
 
 
@@ -67,7 +67,7 @@ def feature_attrs(pixel_attrs: dict[str, Any], backbone: Backbone) -> dict[str, 
     return {"kind": "features", **{k: pixel_attrs[k] for k in keep}, **backbone.identity()}
 
 
-def features_stage(pixels: str, backbone_spec: dict, batch_size: int, device: str, out: str) -> None:
+def features_stage(*, pixels: str, backbone_spec: dict, batch_size: int, device: str, out: str) -> None:
     """Encode a pixel cache with the pre-trained encoder into a feature cache."""
     backbone = build_backbone(backbone_spec)
     with open_arrays(pixels, ()) as handle:
@@ -76,9 +76,9 @@ def features_stage(pixels: str, backbone_spec: dict, batch_size: int, device: st
         raise DatasetError(f"{pixels}: stale pixel cache for preprocessing {backbone.preprocessing.pixel_key}")
     encoder = backbone.build_encoder()
     n = int(pixel_attrs["n_rows"])
-    with tqdm(total=n, desc=f"encode {Path(pixels).stem}", mininterval=5) as bar:
+    with ProgressLog(f"encode {Path(pixels).stem}", n) as progress:
         extract_features(encoder, pixels, out, backbone.preprocessing, feature_attrs(pixel_attrs, backbone),
-                         batch_size, device, progress=bar.update)
+                         batch_size=batch_size, device=device, progress=progress.update)
     log.info("features %s: %d x %d", out, n, backbone.feature_dim)
 
 
@@ -88,15 +88,18 @@ def expected_feature_attrs(manifest_meta: dict[str, Any], backbone: Backbone) ->
 
 
 def reference_stage(
-    manifest: str, backbone_spec: dict, train_features: str, val_features: str, reference_cfg: dict, templates: str,
+    *, manifest: str, backbone_spec: dict, train_features: str, val_features: str, reference_cfg: dict, templates: str,
     out_head: str, out_json: str,
 ) -> None:
-    """The reference head: CLIP zero-shot head from prompts, or a linear probe chosen on ID validation."""
+    """The reference head: CLIP zero-shot head from prompts, or a linear probe chosen on ID validation.
+
+    Features are read in chunks (:class:`FeatureChunks`): memory is bounded by a chunk, not by the ID train split.
+    """
     _, meta = read_manifest(manifest)
     backbone = build_backbone(backbone_spec)
     expected = expected_feature_attrs(meta, backbone)
-    train = load_features(train_features, expected)
-    val = load_features(val_features, expected)
+    train = FeatureChunks(train_features, expected)
+    val = FeatureChunks(val_features, expected)
     num_classes = len(meta["class_names"])
     info: dict[str, Any] = {"kind": backbone.reference_head_kind, "backbone": backbone.identity(),
                             "class_names": meta["class_names"], "manifest_hash": meta["manifest_hash"]}
@@ -107,14 +110,10 @@ def reference_stage(
         bias = torch.zeros(num_classes)
         info["templates"] = templates
     else:
-        fit = fit_linear_probe(train["features"], train["labels"], val["features"], val["labels"], num_classes,
-                               reference_cfg["l2_grid"], reference_cfg["max_iter"])
+        fit = fit_linear_probe(train, val, num_classes, reference_cfg["l2_grid"], reference_cfg["max_iter"])
         weight, bias = fit.weight, fit.bias
         info.update({"l2": fit.l2, "l2_grid_val_accuracy": fit.grid})
-    feats = val["features"]
-    if backbone.features_normalized:
-        feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    info["val_accuracy"] = float(((feats @ weight.T + bias).argmax(1) == val["labels"]).float().mean())
+    info["val_accuracy"] = head_accuracy(val, weight, bias, normalize=backbone.features_normalized)
     with atomic_path(out_head) as tmp:
         save_file({"head.weight": weight.contiguous(), "head.bias": bias.contiguous()}, str(tmp))
     write_json_atomic(out_json, info)
