@@ -26,7 +26,8 @@ from robustft.training.checkpoint import (
     save_safetensors,
     set_rng_state,
 )
-from robustft.training.run import finetune_run, load_run_state, read_train_log
+from robustft.training.context import Split
+from robustft.training.run import RunData, RunSpec, finetune_run, load_run_state, read_train_log
 from robustft.training.schedule import warmup_cosine_factor
 
 from tiny_backbone import CLASSES, TinyBackbone, tiny_data  # noqa: E402
@@ -53,15 +54,14 @@ def reference_state(backbone: Backbone) -> dict[str, torch.Tensor]:
 
 
 def run(method: str, run_dir, hparams: dict | None = None, training: dict | None = None, seed: int = 0,
-        backbone: Backbone | None = None, **kwargs) -> dict:
-    backbone = backbone or TinyBackbone()
-    train, val = tiny_data(8, seed=0), tiny_data(4, seed=1)
-    return finetune_run(
-        backbone_spec=backbone, method=method, hparams=hparams or {}, seed=seed, class_names=CLASSES,
-        prompt_names=CLASSES, train=train, val=val, train_features=features_of(TinyBackbone(), train),
-        val_features=features_of(TinyBackbone(), val), reference_head=reference_head(), run_dir=run_dir,
-        device="cpu", progress=False, training={**TRAINING, **(training or {})}, **kwargs,
-    )
+        backbone: Backbone | None = None, variant: str = "default", train: PixelSplit | None = None, **kwargs) -> dict:
+    train, val = train or tiny_data(8, seed=0), tiny_data(4, seed=1)
+    data = RunData(class_names=CLASSES, train=Split(train.labels, train.pixels, features_of(TinyBackbone(), train)),
+                   val=Split(val.labels, val.pixels, features_of(TinyBackbone(), val)))
+    spec = RunSpec(method=method, seed=seed, variant=variant, hparams=hparams or {},
+                   training={**TRAINING, **(training or {})})
+    return finetune_run(spec, data, backbone=backbone or TinyBackbone(), reference_head=reference_head(),
+                        run_dir=run_dir, device="cpu", **kwargs)
 
 
 def assert_same_state(a: dict, b: dict) -> None:
