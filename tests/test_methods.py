@@ -52,9 +52,10 @@ def reference_model() -> ImageClassifier:
     return build_reference_model(TinyBackbone(), reference_head(), len(CLASSES))
 
 
-def run(method: str, run_dir, hparams: dict | None = None, backbone: Backbone | None = None, **kwargs) -> dict:
-    train = kwargs.pop("train", TRAIN)
-    data = RunData(class_names=CLASSES, train=Split(train.labels, train.pixels, features_of(train)),
+def run(method: str, run_dir, hparams: dict | None = None, backbone: Backbone | None = None,
+        train: PixelSplit = TRAIN, train_features: bool = True, **kwargs) -> dict:
+    features = features_of(train) if train_features else None
+    data = RunData(class_names=CLASSES, train=Split(train.labels, train.pixels, features),
                    val=Split(VAL.labels, VAL.pixels, VAL_FEATURES))
     return finetune_run(RunSpec(method=method, seed=0, hparams=hparams or {}, training=TRAINING), data,
                         backbone=backbone or TinyBackbone(), reference_head=reference_head(), run_dir=run_dir,
