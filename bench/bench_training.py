@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     add_common_args,
     backbone_spec_from_args,
     cpu_peak_fp32_gflops,
+    evict_page_cache,
     finish_backbone_args,
     forward_flops,
     peak_bf16_flops,
@@ -250,17 +251,6 @@ def main(argv=None) -> None:
                            "spec": {k: v for k, v in spec.items()}, "tables": [text]})
     reader.close()
     tmp_ctx.cleanup()
-
-
-def evict_page_cache(path: Path) -> None:
-    """Drop ``path``'s pages from the OS page cache (no root needed), so the next read comes from the disk."""
-    import os
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ generators seeded by (seed, epoch); flips by (seed, step). The global RNG states
 on CPU is bit-identical to an uninterrupted one.
 
 The pieces, each usable alone: :func:`build_optimization`, :func:`train_epoch` (the step loop),
-:func:`optimizer_step`, :class:`BestEpoch` (epoch selection), :class:`~robustft.training.checkpoint.ResumeCheckpoints`
-(resume and checkpointing); :func:`train` puts them together.
+:func:`optimizer_step`, :class:`BestEpoch` and :func:`kept_weights` (epoch selection),
+:class:`~robustft.training.checkpoint.ResumeCheckpoints` (resume and checkpointing); :func:`train` puts them together.
 """
 
 from __future__ import annotations
@@ -93,6 +93,18 @@ class BestEpoch:
             return False
         self.accuracy, self.epoch, self.tensors = accuracy, epoch, _to_host(tensors())
         return True
+
+
+def kept_weights(method: "Method", model: nn.Module, ctx: TrainContext, best: BestEpoch, last_val: float | None
+                 ) -> tuple[dict[str, Tensor], int | None, float | None]:
+    """The checkpoint tensors a run keeps, with their epoch and ID-validation accuracy: the best epoch's under
+    ``select: best_val``, the final weights under ``select: last`` (and when no epoch ran)."""
+    if ctx.hp.select == "best_val" and best.tensors is not None:
+        return best.tensors, best.epoch, best.accuracy
+    final = _to_host(method.checkpoint_tensors(model, ctx))
+    if ctx.hp.select == "best_val":
+        return final, None, None
+    return final, (ctx.hp.epochs - 1 if ctx.hp.epochs else None), last_val
 
 
 @torch.no_grad()
@@ -228,12 +240,7 @@ def train(
     model.eval()
     if has_val and last_val is None and state.log:  # resumed after the last epoch had ended
         last_val = state.log[-1]["val_accuracy"]
-    if select_best and best.tensors is not None:
-        tensors, best_epoch, best_val = best.tensors, best.epoch, best.accuracy
-    else:
-        tensors = _to_host(method.checkpoint_tensors(model, ctx))
-        best_epoch, best_val = (best.epoch, best.accuracy) if select_best else (hp.epochs - 1 if hp.epochs else None,
-                                                                                 last_val)
+    tensors, best_epoch, best_val = kept_weights(method, model, ctx, best, last_val)
     return TrainResult(
         model=model, tensors=tensors, metadata=method.checkpoint_metadata(model, ctx), log=log_frame(state.log),
         best_epoch=best_epoch, best_val_accuracy=best_val, last_val_accuracy=last_val, steps=state.step,
