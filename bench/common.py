@@ -187,6 +187,16 @@ def best_and_median(times: Sequence[float]) -> tuple[float, float]:
     return min(times), statistics.median(times)
 
 
+def evict_page_cache(path: Path) -> None:
+    """Drop ``path``'s pages from the OS page cache (no root needed), so that the next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def peak_rss_mib() -> float:
     """Peak resident set of this process (VmHWM), MiB."""
     try:

@@ -36,6 +36,8 @@ run extraction_96px "$PYTHON" bench/bench_extraction.py --n 500 --image-size 96 
 # 2. training: shared trainer vs plain loop (demo resolution and batch)
 run training "$PYTHON" bench/bench_training.py --image-size 96 --batch-size 32 --steps 30 --repeats 3 --finetune-run \
   --device "$DEVICE" "${common[@]}" --json "$OUT/training.json"
+# ... reading the caches: chunk layout before/after, sequential and in the trainer's random order, warm and cold
+run reads "$PYTHON" bench/bench_reads.py --mb 200 --repeats 3 "${common[@]}" --json "$OUT/reads.json"
 # 3. WiSE-FT sweep of 11 alphas: demo-sized eval splits, then the tiny test config's sizes
 run sweep "$PYTHON" bench/bench_sweep.py --image-size 96 --val 70 --per-split 140 "${common[@]}" --json "$OUT/sweep.json"
 run sweep_small "$PYTHON" bench/bench_sweep.py --image-size 64 --val 21 --per-split 28 "${common[@]}" \

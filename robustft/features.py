@@ -13,6 +13,7 @@ from torch import nn
 
 from robustft.backbones.base import Preprocessing
 from robustft.data.pixels import PIXEL_COLUMNS, iter_pixel_batches
+from robustft.devices import autocast_for, resolve_device
 from robustft.io.arrays import array_writer, load_arrays, open_arrays
 from robustft.io.prefetch import prefetched
 
@@ -107,20 +108,6 @@ def cpu_inference_graph(
     step = cpu_micro_batch(height, width, pixels_per_forward) or whole_batch or n_images
     example = torch.randn(min(step, n_images), 3, height, width, generator=torch.Generator().manual_seed(0))
     return CpuInferenceGraph(module, example)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
-    return torch.device(device)
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA, a no-op context on CPU (fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
 @torch.inference_mode()

@@ -37,6 +37,7 @@ rule finetune_pcv:
         run=f"{RUN_DIR}/pcv/fold{{fold}}/run.json",
     params:
         backbone=BACKBONE_SPEC,
+        templates=config["backbone"]["templates"],
         settings=variant_params,
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],

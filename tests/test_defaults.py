@@ -280,19 +280,18 @@ def test_snakemake_keeps_the_training_block_as_written(tmp_path):
 def test_run_json_records_where_each_value_came_from(tmp_path):
     import torch
 
-    from robustft.training.run import finetune_run
+    from robustft.training.context import Split
+    from robustft.training.run import RunData, RunSpec, finetune_run
     from tiny_backbone import CLASSES, TinyBackbone, tiny_data
 
     backbone = TinyBackbone()
     train, val = tiny_data(4, seed=0), tiny_data(2, seed=1)
     g = torch.Generator().manual_seed(1)
     head = {"head.weight": 0.1 * torch.randn(len(CLASSES), 12, generator=g), "head.bias": torch.zeros(len(CLASSES))}
-    record = finetune_run(
-        backbone_spec=backbone, method="l2sp", hparams={"head_strength": 0.5}, seed=0, class_names=CLASSES,
-        prompt_names=CLASSES, train=train, val=val, train_features=None, val_features=None, reference_head=head,
-        run_dir=tmp_path / "run", device="cpu", progress=False,
-        training={"epochs": 1, "batch_size": 6, "weight_decay": 0.1, "device": "cpu"},
-    )
+    spec = RunSpec(method="l2sp", seed=0, hparams={"head_strength": 0.5},
+                   training={"epochs": 1, "batch_size": 6, "weight_decay": 0.1, "device": "cpu"})
+    data = RunData(CLASSES, Split(train.labels, train.pixels), Split(val.labels, val.pixels))
+    record = finetune_run(spec, data, backbone=backbone, reference_head=head, run_dir=tmp_path / "run", device="cpu")
     stored = json.loads((tmp_path / "run" / "run.json").read_text())
     assert stored["hyperparameter_sources"] == record["hyperparameter_sources"]
     sources = stored["hyperparameter_sources"]

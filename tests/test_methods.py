@@ -16,8 +16,16 @@ from robustft.methods.base import resolve_hyperparameters
 from robustft.methods.ewc import EWC
 from robustft.models import ImageClassifier
 from robustft.training.protocols import select_class_subset, select_kshot, select_protocol
-from robustft.training.run import build_reference_model, finetune_run, load_run_state, seeded_and_deterministic
-from robustft.training.trainer import Split, TrainContext, train
+from robustft.training.context import Split, TrainContext
+from robustft.training.run import (
+    RunData,
+    RunSpec,
+    build_reference_model,
+    finetune_run,
+    load_run_state,
+    seeded_and_deterministic,
+)
+from robustft.training.trainer import train
 
 from tiny_backbone import CLASSES, TinyBackbone, tiny_data  # noqa: E402
 TRAINING = {"epochs": 2, "batch_size": 8, "lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 1}
@@ -44,13 +52,14 @@ def reference_model() -> ImageClassifier:
     return build_reference_model(TinyBackbone(), reference_head(), len(CLASSES))
 
 
-def run(method: str, run_dir, hparams: dict | None = None, backbone: Backbone | None = None, **kwargs) -> dict:
-    return finetune_run(
-        backbone_spec=backbone or TinyBackbone(), method=method, hparams=hparams or {}, seed=0, class_names=CLASSES,
-        prompt_names=CLASSES, train=kwargs.pop("train", TRAIN), val=VAL, train_features=TRAIN_FEATURES,
-        val_features=VAL_FEATURES, reference_head=reference_head(), run_dir=run_dir, device="cpu", progress=False,
-        training=TRAINING, **kwargs,
-    )
+def run(method: str, run_dir, hparams: dict | None = None, backbone: Backbone | None = None,
+        train: PixelSplit = TRAIN, train_features: bool = True, **kwargs) -> dict:
+    features = features_of(train) if train_features else None
+    data = RunData(class_names=CLASSES, train=Split(train.labels, train.pixels, features),
+                   val=Split(VAL.labels, VAL.pixels, VAL_FEATURES))
+    return finetune_run(RunSpec(method=method, seed=0, hparams=hparams or {}, training=TRAINING), data,
+                        backbone=backbone or TinyBackbone(), reference_head=reference_head(), run_dir=run_dir,
+                        device="cpu", **kwargs)
 
 
 def state_of(run_dir) -> dict[str, torch.Tensor]:
@@ -156,27 +165,6 @@ def test_kd_with_weight_zero_is_plain_cross_entropy(tmp_path, augment):
     log_kd = pd.read_parquet(tmp_path / "kd" / "train_log.parquet")
     assert (log_kd["loss_kd"] == 0).all()
     assert log_full["loss_ce"].tolist() == log_kd["loss_ce"].tolist() == log_kd["loss"].tolist()
-
-
-def test_kd_teacher_logits_looked_up_equal_the_teacher():
-    from robustft.methods.kd import KnowledgeDistillation
-
-    ctx = context(KnowledgeDistillation, {})
-    method = KnowledgeDistillation(ctx.hp)
-    model = method.prepare(reference_model(), ctx)
-    teacher = reference_model().eval()
-    with torch.no_grad():
-        expected = teacher(ctx.normalize(TRAIN.pixels))
-    assert torch.allclose(method.teacher_logits, expected, atol=1e-6)
-    # with the run's cached features the teacher needs no image pass: reference head on features, same logits
-    ctx = context(KnowledgeDistillation, {})
-    ctx.train = Split(TRAIN.labels, TRAIN.pixels, TRAIN_FEATURES)
-    method = KnowledgeDistillation(ctx.hp)
-    passes = []
-    model = reference_model()
-    model.encoder.register_forward_hook(lambda *_: passes.append(1))
-    method.prepare(model, ctx)
-    assert passes == [] and torch.allclose(method.teacher_logits, expected, atol=1e-5)
 
 
 def test_ewc_penalty_is_zero_at_pretrained_and_its_gradient_is_lambda_f_delta():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
+import re
 
 import numpy as np
 import pandas as pd
@@ -18,7 +20,11 @@ from robustft.methods import METHODS, get_method
 from robustft.methods.base import resolve_hyperparameters
 from robustft.methods.full_ft import FullFineTuning
 from robustft.methods.l2sp import L2SP
+from robustft.io.progress import INTERVAL_ENV
+from robustft.training import trainer as trainer_module
 from robustft.training.checkpoint import (
+    ResumeCheckpoints,
+    TrainState,
     load_resume_checkpoint,
     load_safetensors,
     rng_state,
@@ -26,8 +32,10 @@ from robustft.training.checkpoint import (
     save_safetensors,
     set_rng_state,
 )
-from robustft.training.run import finetune_run, load_run_state, read_train_log
+from robustft.training.context import Split, TrainContext
+from robustft.training.run import RunData, RunSpec, finetune_run, load_run_state, read_train_log
 from robustft.training.schedule import warmup_cosine_factor
+from robustft.training.trainer import BestEpoch, build_optimization, train_epoch
 
 from tiny_backbone import CLASSES, TinyBackbone, tiny_data  # noqa: E402
 TRAINING = {"epochs": 3, "batch_size": 8, "lr": 1e-2, "weight_decay": 0.1, "warmup_steps": 1, "grad_clip": 1.0}
@@ -46,22 +54,25 @@ def reference_head(seed: int = 1) -> dict[str, torch.Tensor]:
     return {"head.weight": 0.1 * torch.randn(len(CLASSES), 12, generator=g), "head.bias": torch.zeros(len(CLASSES))}
 
 
-def reference_state(backbone: Backbone) -> dict[str, torch.Tensor]:
+def reference_model(backbone: Backbone):
     from robustft.training.run import build_reference_model
 
-    return build_reference_model(backbone, reference_head(), len(CLASSES)).state_dict()
+    return build_reference_model(backbone, reference_head(), len(CLASSES))
+
+
+def reference_state(backbone: Backbone) -> dict[str, torch.Tensor]:
+    return reference_model(backbone).state_dict()
 
 
 def run(method: str, run_dir, hparams: dict | None = None, training: dict | None = None, seed: int = 0,
-        backbone: Backbone | None = None, **kwargs) -> dict:
-    backbone = backbone or TinyBackbone()
-    train, val = tiny_data(8, seed=0), tiny_data(4, seed=1)
-    return finetune_run(
-        backbone_spec=backbone, method=method, hparams=hparams or {}, seed=seed, class_names=CLASSES,
-        prompt_names=CLASSES, train=train, val=val, train_features=features_of(TinyBackbone(), train),
-        val_features=features_of(TinyBackbone(), val), reference_head=reference_head(), run_dir=run_dir,
-        device="cpu", progress=False, training={**TRAINING, **(training or {})}, **kwargs,
-    )
+        backbone: Backbone | None = None, variant: str = "default", train: PixelSplit | None = None, **kwargs) -> dict:
+    train, val = train or tiny_data(8, seed=0), tiny_data(4, seed=1)
+    data = RunData(class_names=CLASSES, train=Split(train.labels, train.pixels, features_of(TinyBackbone(), train)),
+                   val=Split(val.labels, val.pixels, features_of(TinyBackbone(), val)))
+    spec = RunSpec(method=method, seed=seed, variant=variant, hparams=hparams or {},
+                   training={**TRAINING, **(training or {})})
+    return finetune_run(spec, data, backbone=backbone or TinyBackbone(), reference_head=reference_head(),
+                        run_dir=run_dir, device="cpu", **kwargs)
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -179,9 +190,113 @@ def test_run_directory_log_and_record(tmp_path):
         run("full_ft", tmp_path / "other", extra_record={"seed": 3})
 
 
-def test_select_last_keeps_the_final_weights(tmp_path):
-    record = run("full_ft", tmp_path / "run", {"select": "last"})
-    assert record["best_epoch"] == TRAINING["epochs"] - 1
+def validation_accuracies(monkeypatch, values: list[float]) -> None:
+    """The trainer's per-epoch validation returns ``values`` in turn (selection only; training is unchanged)."""
+    sequence = iter(values)
+    monkeypatch.setattr(trainer_module, "evaluate_accuracy", lambda *args: next(sequence))
+
+
+def test_select_last_keeps_the_final_weights(tmp_path, monkeypatch):
+    validation_accuracies(monkeypatch, [0.9, 0.5, 0.1])
+    last = run("full_ft", tmp_path / "last", {"select": "last"})
+    validation_accuracies(monkeypatch, [0.9, 0.5, 0.1])
+    first = run("full_ft", tmp_path / "first")  # best_val keeps epoch 0
+    validation_accuracies(monkeypatch, [0.1, 0.5, 0.9])
+    final = run("full_ft", tmp_path / "final")  # best_val keeps epoch 2, the weights training ends with
+    assert (last["best_epoch"], first["best_epoch"], final["best_epoch"]) == (2, 0, 2)
+    assert last["best_val_accuracy"] == last["last_val_accuracy"] == 0.1
+    weights = {name: load_safetensors(tmp_path / name / "model.safetensors") for name in ("last", "first", "final")}
+    assert_same_state(weights["last"], weights["final"])
+    assert not torch.equal(weights["last"]["head.weight"], weights["first"]["head.weight"])
+
+
+def test_best_epoch_keeps_the_first_of_equal_accuracies_and_copies_only_improvements():
+    best, copies = BestEpoch(), []
+    snapshot = lambda: copies.append(1) or {"w": torch.ones(1) * len(copies)}  # noqa: E731
+    kept = [best.offer(epoch, accuracy, snapshot) for epoch, accuracy in enumerate([0.5, 0.7, 0.7, 0.6])]
+    assert kept == [True, True, False, False] and (best.epoch, best.accuracy) == (1, 0.7)
+    assert len(copies) == 2 and best.tensors["w"].item() == 2
+
+
+class RecordingRows(FullFineTuning):
+    """full_ft that records the training rows of every step."""
+
+    name = "recording_rows"
+
+    def loss(self, model, batch, ctx):
+        ctx.state.setdefault("rows", []).append(batch.indices.clone())
+        return super().loss(model, batch, ctx)
+
+
+def test_an_epoch_visits_the_seeded_permutation_from_its_position():
+    train_data = tiny_data(8, seed=0)
+    method_cls = RecordingRows
+    hp = resolve_hyperparameters(method_cls, TRAINING, {})
+    backbone = TinyBackbone()
+    ctx = TrainContext(hp=hp, seed=0, device=torch.device("cpu"), train=Split(train_data.labels, train_data.pixels),
+                       val=Split(train_data.labels[:0], train_data.pixels[:0]),
+                       normalize=backbone.preprocessing.normalize, backbone=backbone, class_names=CLASSES)
+    method = method_cls(hp)
+    model = method.prepare(reference_model(backbone), ctx)
+    opt = build_optimization(method, model, hp, total_steps=9)
+    order = torch.randperm(24, generator=ctx.generator("order", 1))
+    state = TrainState(step=4, epoch=1, position=1)  # as a run resumed after batch 1 of epoch 1
+    steps = []
+    train_epoch(model, method, ctx, opt, state, after_step=lambda row: steps.append(row["step"]))
+    assert torch.equal(torch.cat(ctx.state["rows"]), order[8:])
+    assert steps == [5, 6] and (state.step, state.position) == (6, 3)
+
+
+def test_resume_checkpoints_round_trip_the_state(tmp_path):
+    model, device = nn.Linear(3, 2), torch.device("cpu")
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    off = ResumeCheckpoints(None, "abc", device)
+    off.save(TrainState(step=1), model, optimizer, scheduler)
+    assert off.restore(model, optimizer, scheduler) is None
+    checkpoints = ResumeCheckpoints(tmp_path / "resume", "abc", device)
+    assert checkpoints.restore(model, optimizer, scheduler) is None  # nothing saved yet
+    state = TrainState(step=7, epoch=2, position=1, log=[{"step": 7, "loss": 0.5}], best_val=0.75, best_epoch=1)
+    checkpoints.save(state, model, optimizer, scheduler)
+    fresh = nn.Linear(3, 2)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    restored = checkpoints.restore(fresh, fresh_optimizer, torch.optim.lr_scheduler.LambdaLR(fresh_optimizer, lambda s: 1.0))
+    assert restored == state
+    assert_same_state(fresh.state_dict(), model.state_dict())
+    with pytest.raises(FileNotFoundError, match="best epoch"):
+        checkpoints.load_best()
+    with pytest.warns(UserWarning, match="another configuration"):
+        assert ResumeCheckpoints(tmp_path / "resume", "other", device).restore(fresh, fresh_optimizer, scheduler) is None
+
+
+class KilledAt5(Exception):
+    pass
+
+
+def test_progress_lines_epoch_accuracy_and_resume_note_without_carriage_returns(tmp_path, monkeypatch, caplog, capfd):
+    monkeypatch.setenv(INTERVAL_ENV, "0")  # a line after every step
+    caplog.set_level(logging.INFO, logger="robustft")
+
+    def kill_after_step_5(step: int) -> None:
+        if step == 5:
+            raise KilledAt5
+
+    with pytest.raises(KilledAt5):
+        run("full_ft", tmp_path / "run", {"checkpoint_every": 2}, on_step_end=kill_after_step_5)
+    first = [r.getMessage() for r in caplog.records]
+    assert "finetune full_ft: epoch 1/3: ID-validation accuracy" in "\n".join(first)
+    caplog.clear()
+    run("full_ft", tmp_path / "run", {"checkpoint_every": 2})
+    lines = [r.getMessage() for r in caplog.records]
+    assert "finetune full_ft: resumed at step 4 (epoch 1, batch 1)" in lines
+    steps = [int(m.group(1)) for m in map(re.compile(r"progress finetune full_ft: (\d+)/9 steps .*ETA .*loss=").match,
+                                           lines) if m]
+    assert steps == [5, 6, 7, 8, 9]
+    epochs = [line for line in lines if "ID-validation accuracy" in line]
+    assert [line.split(":")[1].strip() for line in epochs] == ["epoch 2/3", "epoch 3/3"]
+    assert any(line.startswith("done finetune full_ft: 9 steps") for line in lines)
+    out, err = capfd.readouterr()
+    assert "\r" not in "".join(first + lines) + out + err  # no carriage-return bar anywhere
 
 
 def test_resume_checkpoint_and_rng_round_trip(tmp_path):
@@ -257,3 +372,50 @@ def test_every_configured_variant_resolves(config_file):
             hp = resolve_hyperparameters(get_method(method), training, overrides)
             for key, value in overrides.items():
                 assert getattr(hp, key) == value, (method, variant, key)
+
+
+def robustft_imports(path, modules: set[str]) -> set[str]:
+    """The robustft modules a file imports anywhere in it (module level, in functions, under TYPE_CHECKING)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found |= {name for name in names if name in modules}
+    return found
+
+
+def test_the_trainer_and_the_methods_import_each_other_in_no_direction_back():
+    """No import cycle through robustft.training or robustft.methods, counting every import statement and the
+    packages an import runs (importing robustft.methods.base runs robustft/methods/__init__.py)."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "robustft"
+    files = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    modules = set(files)
+    graph = {}
+    for name, path in files.items():
+        targets = set()
+        for target in robustft_imports(path, modules):
+            parts = target.split(".")
+            targets |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)} & modules
+        graph[name] = targets - {name} - {p for p in modules if name.startswith(p + ".")}
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            if node == goal:
+                return True
+            if node not in seen:
+                seen.add(node)
+                todo.extend(graph.get(node, ()))
+        return False
+
+    ours = [m for m in modules if m.startswith(("robustft.training", "robustft.methods")) or m == "robustft.devices"]
+    cycles = sorted((m, t) for m in ours for t in graph[m] if reaches(t, m))
+    assert cycles == []
+    assert "robustft.training.trainer" not in set().union(*(graph[m] for m in modules if m.startswith("robustft.methods")))

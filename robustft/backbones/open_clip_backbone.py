@@ -22,6 +22,7 @@ from torch import nn
 
 from robustft.backbones.base import Backbone, Preprocessing, WeightsError, file_sha256, load_weights_file
 from robustft.backbones.templates import get_templates
+from robustft.devices import resolve_device
 
 #: Keys of OpenAI JIT state dicts that are not parameters.
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -380,7 +381,7 @@ class OpenClipBackbone(Backbone):
         if isinstance(templates, str):
             templates = get_templates(templates)
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = resolve_device("auto")
         clip_model, tokenizer = self.build_clip()
         clip_model.to(device)
         return text_head_weights(clip_model, tokenizer, class_names, templates)

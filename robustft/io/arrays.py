@@ -28,6 +28,19 @@ def _as_stored(value: Any) -> Any:
     return json.loads(json.dumps(value)) if value is None or isinstance(value, (dict, list, tuple)) else value
 
 
+#: Bytes of rows one HDF5 chunk holds (at least one row). HDF5 reads, and decompresses, whole chunks: training reads
+#: rows in a seeded random order, so a chunk of many rows is read whole for each of them. With the former 1 MiB
+#: chunks a random 96-px image read 37 images; with 32 KiB chunks it reads one (images of 96 px and up are a chunk
+#: each), and a 512-float feature row reads 16 rows. Sequential reads of such chunks still run at GB/s
+#: (bench/README.md, ``bench_reads.py``).
+CHUNK_BYTES = 32 << 10
+
+
+def rows_per_chunk(row_bytes: int, n_rows: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Rows in one chunk of a column whose rows take ``row_bytes``: as many as fit in ``chunk_bytes``, at least 1."""
+    return max(1, min(n_rows, chunk_bytes // max(1, row_bytes)))
+
+
 @contextmanager
 def array_writer(
     path: str | Path,
@@ -38,17 +51,18 @@ def array_writer(
 ) -> Iterator[h5py.File]:
     """Create an HDF5 file with one dataset per column (shape ``(n_rows, *shape)``), written atomically.
 
-    Chunks hold whole rows so that batched reads and writes touch few chunks. ``filters``: per column, h5py
-    dataset options such as ``{"compression": "gzip", "compression_opts": 1}`` (reads decompress transparently).
-    The file is marked ``complete`` only after the caller's block finishes, then renamed into place.
+    Chunks hold whole rows, :data:`CHUNK_BYTES` of them at most (one image per chunk), so that reading rows at
+    random reads little besides them. ``filters``: per column, h5py dataset options such as
+    ``{"compression": "gzip", "compression_opts": 1}`` (reads decompress transparently). The file is marked
+    ``complete`` only after the caller's block finishes, then renamed into place.
     """
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as handle:
             for name, (shape, dtype) in columns.items():
-                row_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize if shape else 8
-                rows_per_chunk = max(1, min(n_rows, (1 << 20) // max(row_bytes, 1))) if n_rows else 1
+                row_bytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+                chunks = (rows_per_chunk(row_bytes, n_rows), *shape) if n_rows else None
                 handle.create_dataset(
-                    name, shape=(n_rows, *shape), dtype=dtype, chunks=(rows_per_chunk, *shape) if n_rows else None,
+                    name, shape=(n_rows, *shape), dtype=dtype, chunks=chunks,
                     **(dict((filters or {}).get(name, {})) if n_rows else {}),
                 )
             for key, value in attrs.items():
@@ -114,3 +128,69 @@ def load_arrays(
     """Read whole columns of a validated cache file into memory."""
     with open_arrays(path, columns, expected_attrs) as handle:
         return {column: handle[column][...] for column in columns}
+
+
+def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) positions in ``rows`` (sorted ascending, unique) of its runs of consecutive values."""
+    rows = np.asarray(rows)
+    if rows.size == 0:
+        return []
+    breaks = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
+    return list(zip([0, *breaks], [*breaks, int(rows.size)]))
+
+
+def take_rows(dataset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """``dataset[rows]`` for rows in any order: read in ascending order, one slice per run of consecutive rows, each
+    run copied into its places in the given order (memory: the result and one run). (h5py reads a list index
+    through a selection built row by row, several times slower than these slices.)
+
+    The order the rows are read in changes nothing in what is returned: only the disk is read front to back.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= dataset.shape[0]):
+        raise IndexError(f"{dataset.file.filename}:{dataset.name}: rows outside [0, {dataset.shape[0]})")
+    places = np.argsort(rows, kind="stable")
+    ascending = rows[places]
+    if ascending.size > 1 and not (np.diff(ascending) > 0).all():  # repeated rows: read each once
+        unique, inverse = np.unique(rows, return_inverse=True)
+        return take_rows(dataset, unique)[inverse]
+    out = np.empty((rows.size, *dataset.shape[1:]), dataset.dtype)
+    for start, stop in contiguous_runs(ascending):
+        first = int(ascending[start])
+        out[places[start:stop]] = dataset[first : first + stop - start]
+    return out
+
+
+class ColumnReader:
+    """One column of a validated array file (:func:`open_arrays`), kept open and read by rows (:func:`take_rows`).
+
+    Memory holds what one :meth:`take` returns, never the column. h5py serialises calls from several threads.
+    """
+
+    def __init__(self, path: str | Path, column: str, expected_attrs: Mapping[str, Any] | None = None) -> None:
+        self.path, self.column = Path(path), column
+        self.handle = open_arrays(path, (column,), expected_attrs)
+        self.dataset = self.handle[column]
+
+    def __len__(self) -> int:
+        return int(self.dataset.shape[0])
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return tuple(self.dataset.shape[1:])
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dataset.dtype.itemsize
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return take_rows(self.dataset, rows)
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> "ColumnReader":
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()

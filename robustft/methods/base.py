@@ -4,7 +4,8 @@ A method module defines one :class:`Method` subclass and one :class:`TrainingHyp
 own hyperparameters with the paper's defaults, each declared with :func:`hyperparameter` (default, description,
 bounds): the config schema's ``training`` and ``$defs.method_hyperparameters`` entries are generated from these
 fields (``python -m robustft.methods.schema --write-schema``). The trainer (:mod:`robustft.training.trainer`) only
-calls the hooks; it never asks which method it is running.
+calls the hooks; it never asks which method it is running. Methods see the run through
+:class:`robustft.training.context.TrainContext` and never import the trainer.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.trainer import Batch, TrainContext
+    from robustft.training.context import Batch, TrainContext
 
 PROTOCOL_KINDS = ("full", "kshot", "class_subset")
 #: JSON-schema keywords a hyperparameter may declare besides its description
@@ -191,6 +192,11 @@ class Method:
         """Set what trains, compute anchors/masks/Fisher; may return another module (adapters, CLIP towers)."""
         model.requires_grad_(True)
         return model
+
+    def batch_columns(self, ctx: "TrainContext") -> tuple[str, ...]:
+        """What each training batch reads from the caches: ``("pixels",)`` for methods on images, ``("features",)``
+        for methods on cached features; ``("pixels", "features")`` puts the rows' features in ``Batch.features``."""
+        return ("pixels",) if self.needs_images else ("features",)
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The parameters handed to the optimizer."""

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.trainer import TrainContext
+    from robustft.training.context import TrainContext
 
 
 def reference_templates(ctx: "TrainContext") -> str:

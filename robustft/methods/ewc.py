@@ -18,7 +18,7 @@ from robustft.fisher import diagonal_fisher, ewc_penalty
 from robustft.methods.base import Method, TrainingHyperparameters, detached_copy, hyperparameter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.trainer import Batch, TrainContext
+    from robustft.training.context import Batch, TrainContext
 
 
 @dataclass
@@ -40,7 +40,7 @@ class EWC(Method):
         self.anchor = detached_copy(params)
         self.fisher = diagonal_fisher(
             model,
-            ctx.batches(images=True, shuffle="fisher"),
+            ctx.batches(images=True, shuffle="fisher", limit=self.hp.fisher_examples),
             params=params,
             generator=ctx.generator("fisher-labels"),
             max_examples=self.hp.fisher_examples,

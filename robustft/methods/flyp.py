@@ -26,7 +26,7 @@ from robustft.methods.base import Method, TrainingHyperparameters, hyperparamete
 from robustft.methods.clip_towers import build_clip_for, clip_predictor, reference_templates, stored_head
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.trainer import Batch, TrainContext
+    from robustft.training.context import Batch, TrainContext
 
 MAX_LOGIT_SCALE = math.log(100.0)
 

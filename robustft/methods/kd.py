@@ -3,10 +3,10 @@
 Loss = (1 − a)·CE(f(x; θ), y) + a·CE(f(x; θ), softmax(f(x; θ₀)/T))·T², teacher θ₀ = the reference model (pre-trained
 encoder + reference head) in eval mode. WiSE-FT sweeps a and uses T = 1; a = ``kd_weight`` defaults to 0.5 and
 T = ``temperature`` to 1 (the T² factor of Hinton et al. 2015 is then 1). Label smoothing applies to the label term.
-Without augmentation the teacher's inputs never change, so its logits are computed once before training and looked
-up by example index: from the cached features of the pre-trained encoder when the run has them (reference head on
-features, no image pass at all), else by one pass over the training images. With ``augment: flip`` the teacher
-runs on each (flipped) batch.
+The teacher's logits are computed per batch, so memory never holds a table over the training set (ImageNet's would
+be 1.28 M x 1000 floats, 5 GB): without augmentation from the cached features of the batch's rows, which the cache
+holds for this very pre-trained encoder (the reference head on features: no image pass for the teacher); with
+``augment: flip``, or without cached features, by running the teacher on the (flipped) batch images.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from robustft.methods.base import Method, TrainingHyperparameters, hyperparameter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.trainer import Batch, TrainContext
+    from robustft.training.context import Batch, TrainContext
 
 
 @dataclass
@@ -43,31 +43,27 @@ class KnowledgeDistillation(Method):
     name = "kd"
     hyperparameters = KDHyperparameters
 
+    def teacher_on_features(self, ctx: "TrainContext") -> bool:
+        """Whether the teacher reads the batch rows' cached features (no augmentation, features given)."""
+        return ctx.hp.augment == "none" and ctx.train.features is not None
+
+    def batch_columns(self, ctx: "TrainContext") -> tuple[str, ...]:
+        return ("pixels", "features") if self.teacher_on_features(ctx) else ("pixels",)
+
     def prepare(self, model: nn.Module, ctx: "TrainContext") -> nn.Module:
         model.requires_grad_(True)
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        self.teacher: nn.Module | None = None
-        self.teacher_logits: Tensor | None = None
-        if ctx.hp.augment == "none":
-            from_features = ctx.train.features is not None  # the cache holds this very encoder's outputs
-            chunks = []
-            with torch.no_grad():
-                for batch in ctx.batches(images=not from_features):
-                    with ctx.autocast():
-                        chunks.append((teacher.head if from_features else teacher)(batch.inputs).float())
-            self.teacher_logits = torch.cat(chunks)
-        else:
-            self.teacher = teacher
+        # the teacher: the reference head alone on cached features, else the whole reference model (eval, frozen)
+        self.on_features = self.teacher_on_features(ctx)
+        self.teacher = copy.deepcopy(model.head if self.on_features else model).eval().requires_grad_(False)
         return model
+
+    @torch.no_grad()
+    def teacher_logits(self, batch: "Batch") -> Tensor:
+        return self.teacher(batch.features if self.on_features else batch.inputs).float()
 
     def loss(self, model: nn.Module, batch: "Batch", ctx: "TrainContext") -> dict[str, Tensor]:
         logits = model(batch.inputs)
-        if self.teacher_logits is not None:
-            teacher_logits = self.teacher_logits[batch.indices.to(self.teacher_logits.device)]
-        else:
-            with torch.no_grad():
-                teacher_logits = self.teacher(batch.inputs).float()
         t, a = self.hp.temperature, self.hp.kd_weight
-        soft_targets = F.softmax(teacher_logits.float() / t, dim=-1)
+        soft_targets = F.softmax(self.teacher_logits(batch) / t, dim=-1)
         distill = F.cross_entropy(logits.float() / t, soft_targets) * (t * t)
         return {"ce": (1.0 - a) * ctx.cross_entropy(logits, batch.labels), "kd": a * distill}

@@ -18,7 +18,7 @@ from robustft.fisher import l2_to_anchor
 from robustft.methods.base import Method, TrainingHyperparameters, detached_copy, hyperparameter, split_encoder_head
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.trainer import Batch, TrainContext
+    from robustft.training.context import Batch, TrainContext
 
 
 @dataclass

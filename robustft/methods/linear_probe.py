@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from robustft.methods.base import Method, TrainingHyperparameters, load_checkpoint_file
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.trainer import Batch, TrainContext
+    from robustft.training.context import Batch, TrainContext
 
 HEAD_KEYS = ("head.weight", "head.bias")
 

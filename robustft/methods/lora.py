@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from robustft.methods.base import Method, TrainingHyperparameters, check_same_keys, hyperparameter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.trainer import TrainContext
+    from robustft.training.context import TrainContext
 
 ADAPTER = "default"
 #: ``targets`` presets (None: ``attention`` when the encoder has attention, else Linear layers, else 1x1 convs)

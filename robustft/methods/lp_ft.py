@@ -20,7 +20,7 @@ from robustft.methods.base import Method, TrainingHyperparameters, hyperparamete
 from robustft.methods.linear_probe import LinearProbe
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.trainer import TrainContext
+    from robustft.training.context import TrainContext
 
 
 @dataclass
@@ -48,10 +48,8 @@ class LPFT(Method):
         return TrainingHyperparameters(**shared)
 
     def prepare(self, model: nn.Module, ctx: "TrainContext") -> nn.Module:
-        from robustft.training.trainer import train
-
         lp_hp = self.linear_probe_hyperparameters()
-        result = train(model, LinearProbe(lp_hp), ctx.with_hp(lp_hp))
+        result = ctx.fit_stage(model, LinearProbe(lp_hp), lp_hp)
         with torch.no_grad():
             model.head.weight.copy_(result.tensors["head.weight"])
             model.head.bias.copy_(result.tensors["head.bias"])

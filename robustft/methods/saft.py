@@ -52,7 +52,7 @@ from robustft.methods.clip_towers import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.trainer import TrainContext
+    from robustft.training.context import TrainContext
 
 TOWERS = ("both", "image")
 HEAD_KEYS = ("head.weight", "head.bias")

@@ -23,8 +23,9 @@ from robustft.calibration import (
 )
 from robustft.data.registry import get_adapter
 from robustft.data.pixels import load_pixel_split
+from robustft.devices import resolve_device
 from robustft.evaluation import EvalSplit, build_classifier, encoder_unchanged, sweep_logits
-from robustft.features import load_features, resolve_device
+from robustft.features import load_features
 from robustft.io.atomic import atomic_path
 from robustft.io.tables import read_table, write_table
 from robustft.metrics import bootstrap_ci, group_accuracies

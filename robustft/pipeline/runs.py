@@ -1,18 +1,22 @@
-"""The fine-tuning stage: load the cached inputs of the ID domain, train one (method, variant, seed), write the run."""
+"""The fine-tuning stage: stream the ID domain's cached inputs, train one (method, variant, seed), write the run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 from robustft.config import variant_protocol
-from robustft.data.pixels import load_pixel_split
-from robustft.features import load_features
+from robustft.io.arrays import ColumnReader, load_arrays
 from robustft.pipeline.stages import read_manifest
 from robustft.training.checkpoint import load_safetensors
+from robustft.training.data import Split
 
 log = logging.getLogger("robustft")
 
@@ -30,31 +34,44 @@ def pipeline_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def open_split(name: str, pixels: str | Path, features: str | Path, stack: contextlib.ExitStack) -> Split:
+    """A split streamed from its pixel and feature caches: labels in memory, pixels and features read by rows.
+
+    Raises ``RuntimeError`` when the two caches list different images (row ids compared, 8 bytes a row).
+    """
+    rows = load_arrays(pixels, ("labels", "row_ids"))
+    if not np.array_equal(rows["row_ids"], load_arrays(features, ("row_ids",))["row_ids"]):
+        raise RuntimeError(f"the {name} pixel and feature caches list different images ({pixels}, {features}); "
+                           f"rerun the features rule")
+    return Split(torch.from_numpy(rows["labels"]), stack.enter_context(ColumnReader(pixels, "pixels")),
+                 stack.enter_context(ColumnReader(features, "features")))
+
+
 def finetune_stage(
     manifest: str, backbone_spec: dict, method: str, variant: str, seed: int, settings: str | dict,
     train_pixels: str, val_pixels: str, train_features: str, val_features: str, reference_head: str,
-    run_json: str, device: str, extra_overrides: dict[str, Any] | None = None,
+    run_json: str, device: str, extra_overrides: dict[str, Any] | None = None, *, templates: str | None = None,
 ) -> dict:
-    """Fine-tune one run; ``settings`` is the variant's resolved JSON (``robustft.config.resolved_variant``)."""
-    from robustft.training.run import finetune_run
+    """Fine-tune one run, streaming its inputs from the caches; ``settings`` is the variant's resolved JSON
+    (``robustft.config.resolved_variant``), ``templates`` the backbone's prompt-template set."""
+    from robustft.training.run import RunData, RunSpec, finetune_run
 
     _, meta = read_manifest(manifest)
     settings = json.loads(settings) if isinstance(settings, str) else settings
-    overrides = {**settings["overrides"], **(extra_overrides or {})}
-    train, val = load_pixel_split(train_pixels), load_pixel_split(val_pixels)
-    train_feats, val_feats = load_features(train_features), load_features(val_features)
-    for name, pixels, feats in (("train", train, train_feats), ("val", val, val_feats)):
-        if not bool((pixels.row_ids == feats["row_ids"]).all()):
-            raise RuntimeError(f"the {name} pixel and feature caches list different images; rerun the features rule")
+    spec = RunSpec(method=method, seed=int(seed), variant=variant,
+                   hparams={**settings["overrides"], **(extra_overrides or {})}, training=settings["training"],
+                   templates=templates)
     head = load_safetensors(Path(reference_head))
-    record = finetune_run(
-        backbone_spec=backbone_spec, method=method, hparams=overrides, training=settings["training"], seed=int(seed),
-        class_names=meta["class_names"], prompt_names=meta["prompt_names"], train=train, val=val,
-        train_features=train_feats["features"], val_features=val_feats["features"],
-        reference_head={"head.weight": head["head.weight"], "head.bias": head["head.bias"]},
-        run_dir=Path(run_json).parent, device=device, variant=variant,
-        extra_record={"pipeline_commit": pipeline_commit(), "manifest_hash": meta["manifest_hash"]},
-    )
+    with contextlib.ExitStack() as stack:
+        data = RunData(class_names=meta["class_names"], prompt_names=meta["prompt_names"],
+                       train=open_split("train", train_pixels, train_features, stack),
+                       val=open_split("val", val_pixels, val_features, stack))
+        record = finetune_run(
+            spec, data, backbone=backbone_spec,
+            reference_head={"head.weight": head["head.weight"], "head.bias": head["head.bias"]},
+            run_dir=Path(run_json).parent, device=device,
+            extra_record={"pipeline_commit": pipeline_commit(), "manifest_hash": meta["manifest_hash"]},
+        )
     log.info("run %s/%s/seed%s: best val accuracy %s, %.1f s", method, variant, seed,
              record.get("best_val_accuracy"), record["wall_time_s"])
     return record
@@ -72,7 +89,7 @@ def pcv_fold_classes(class_names: list[str], absent: list[str], n_folds: int, fr
 def pcv_finetune_stage(
     manifest: str, backbone_spec: dict, method: str, variant: str, seed: int, settings: str, fold: int,
     n_folds: int, fraction: float, train_pixels: str, val_pixels: str, train_features: str, val_features: str,
-    reference_head: str, run_json: str, device: str,
+    reference_head: str, run_json: str, device: str, *, templates: str | None = None,
 ) -> dict:
     """A PCV fold model: the run's method and settings, fine-tuned without some of its own classes as well."""
     _, meta = read_manifest(manifest)
@@ -82,6 +99,9 @@ def pcv_finetune_stage(
     pseudo = pcv_fold_classes(meta["class_names"], absent, n_folds, fraction, int(seed), int(fold))
     log.info("PCV fold %d: pseudo-absent classes %s (absent: %s)", fold, pseudo, absent)
     fold_protocol = {"kind": "class_subset", "absent_classes": absent + pseudo}
-    return finetune_stage(manifest, backbone_spec, method, variant, seed, resolved, train_pixels, val_pixels,
-                          train_features, val_features, reference_head, run_json, device,
-                          extra_overrides={"protocol": fold_protocol})
+    return finetune_stage(
+        manifest=manifest, backbone_spec=backbone_spec, method=method, variant=variant, seed=seed, settings=resolved,
+        train_pixels=train_pixels, val_pixels=val_pixels, train_features=train_features, val_features=val_features,
+        reference_head=reference_head, run_json=run_json, device=device,
+        extra_overrides={"protocol": fold_protocol}, templates=templates,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,6 +14,8 @@ from torch import Tensor
 from robustft.io.atomic import atomic_path
 
 RESUME_FORMAT = 1
+RESUME_FILE = "resume.pt"
+BEST_FILE = "best.safetensors"
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
@@ -79,3 +82,60 @@ def load_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+@dataclass
+class TrainState:
+    """Where training stands, all a resume needs besides weights, optimizer and RNGs: ``step`` optimizer steps done,
+    ``position`` batches of epoch ``epoch`` done, the log so far, and the best ID-validation epoch so far."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    log: list[dict[str, float]] = field(default_factory=list)
+    best_val: float | None = None
+    best_epoch: int | None = None
+
+
+class ResumeCheckpoints:
+    """The resumable state of one run in ``directory`` (None: checkpoints off): ``resume.pt`` with weights, optimizer,
+    scheduler, RNG states and :class:`TrainState`, keyed by ``fingerprint``; ``best.safetensors`` with the tensors
+    of the best epoch so far."""
+
+    def __init__(self, directory: Path | None, fingerprint: str, device: torch.device) -> None:
+        self.fingerprint, self.device = fingerprint, device
+        self.resume_path = Path(directory) / RESUME_FILE if directory else None
+        self.best_path = Path(directory) / BEST_FILE if directory else None
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState | None:
+        """Load the saved state into ``model``, ``optimizer``, ``scheduler`` and the RNGs; None when there is none."""
+        if self.resume_path is None:
+            return None
+        saved = load_resume_checkpoint(self.resume_path, self.fingerprint)
+        if saved is None:
+            return None
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"], self.device)
+        return TrainState(step=saved["step"], epoch=saved["epoch"], position=saved["position"], log=list(saved["log"]),
+                          best_val=saved["best_val"], best_epoch=saved["best_epoch"])
+
+    def save(self, state: TrainState, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        if self.resume_path is None:
+            return
+        save_resume_checkpoint(self.resume_path, {
+            "fingerprint": self.fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": rng_state(self.device), "step": state.step,
+            "epoch": state.epoch, "position": state.position, "log": state.log, "best_val": state.best_val,
+            "best_epoch": state.best_epoch,
+        })
+
+    def save_best(self, tensors: Mapping[str, Tensor]) -> None:
+        if self.best_path is not None:
+            save_safetensors(self.best_path, tensors)
+
+    def load_best(self) -> dict[str, Tensor]:
+        if self.best_path is None or not self.best_path.is_file():
+            raise FileNotFoundError(f"{self.best_path}: the best epoch's tensors of a resumed run are missing")
+        return load_safetensors(self.best_path)

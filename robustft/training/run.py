@@ -1,4 +1,4 @@
-"""One fine-tuning run, start to finish: the function the Snakemake ``finetune`` script calls.
+"""One fine-tuning run, start to finish: ``finetune_run(RunSpec, RunData, ...)``, which the ``finetune`` stage calls.
 
 A run directory holds the method's checkpoint file (``model.safetensors``, ``head.safetensors``,
 ``adapter.safetensors`` or ``sparse_update.safetensors``; none for ``zeroshot``), ``train_log.parquet`` and, written
@@ -18,6 +18,7 @@ import platform
 import random
 import shutil
 import time
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -25,18 +26,24 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from robustft.backbones import Backbone, build_backbone
-from robustft.data.pixels import PixelSplit
+from robustft.devices import resolve_device
 from robustft.io.atomic import write_json_atomic
 from robustft.io.tables import write_table
 from robustft.methods import get_method
-from robustft.methods.base import hyperparameter_sources, resolve_hyperparameters
+from robustft.methods.base import (
+    Method,
+    TrainingHyperparameters,
+    hyperparameter_sources,
+    resolve_hyperparameters,
+)
 from robustft.models import ClassificationHead, ImageClassifier
 from robustft.training.checkpoint import save_safetensors
-from robustft.training.protocols import select_protocol
-from robustft.training.trainer import Split, TrainContext, evaluate_accuracy, log_frame
+from robustft.training.context import Split, TrainContext
+from robustft.training.protocols import ProtocolSelection, select_protocol
+from robustft.training.trainer import TrainResult, evaluate_accuracy, log_frame
 from robustft.training.trainer import train as train_model
 
 RUN_FILE = "run.json"
@@ -48,12 +55,6 @@ RUN_RECORD_KEYS = frozenset({
     "best_val_accuracy", "last_val_accuracy", "steps", "resumed_at_step", "method_info", "checkpoint", "select",
     "wall_time_s", "versions", "hyperparameter_sources",
 })
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @contextlib.contextmanager
@@ -107,129 +108,159 @@ def _fingerprint(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """Which run: method, variant and seed, and the settings its hyperparameters resolve from.
+
+    ``hparams``: the variant's overrides (``methods.<method>.<variant>``). ``training``: the config's ``training:``
+    block, with the config's top-level ``protocol`` added (a variant's own ``protocol`` overrides it); its ``device``
+    key is not a hyperparameter and only chooses the device when ``finetune_run`` gets ``device="auto"``.
+    Precedence (:func:`robustft.methods.base.resolve_hyperparameters`): ``hparams`` beats ``training``, which beats
+    the method dataclass's own defaults (e.g. L2-SP's weight decay 0), which beat the trainer's; run.json's
+    ``hyperparameter_sources`` says which gave each value. ``templates``: the backbone's prompt-template set, which
+    methods read as ``TrainContext.templates`` (FLYP, SAFT).
+    """
+
+    method: str
+    seed: int
+    variant: str = "default"
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    training: Mapping[str, Any] | None = None
+    templates: str | None = None
+
+    def _training_block(self) -> dict[str, Any]:
+        return {k: v for k, v in (self.training or {}).items() if k != "device"}
+
+    def hyperparameters(self) -> TrainingHyperparameters:
+        """The resolved settings; an unknown key raises ``ValueError`` naming it and the allowed ones."""
+        return resolve_hyperparameters(get_method(self.method), self._training_block(), dict(self.hparams))
+
+    def hyperparameter_sources(self) -> dict[str, str]:
+        """Where each resolved value came from (variant, training, method default, shared default)."""
+        return hyperparameter_sources(get_method(self.method), self._training_block(), dict(self.hparams))
+
+    def device(self, device: str) -> torch.device:
+        """``device``, or the ``training.device`` of the config where ``device`` is ``auto``."""
+        configured = (self.training or {}).get("device")
+        return resolve_device(configured if device == "auto" and configured else device)
+
+
+@dataclass
+class RunData:
+    """On what a run trains: the class names (and the names prompts use), the ID train and validation splits.
+
+    The splits' ``features`` are the cached encoder features of the same rows; linear_probe and lp_ft train on them,
+    KD's teacher and the zero-shot run's validation read them. In the pipeline the splits stream from the caches.
+    """
+
+    class_names: list[str]
+    train: Split
+    val: Split
+    prompt_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.class_names = list(self.class_names)
+        self.prompt_names = list(self.prompt_names or self.class_names)
+        if len(self.prompt_names) != len(self.class_names):
+            raise ValueError(f"prompt_names has {len(self.prompt_names)} names, class_names {len(self.class_names)}")
+
+    def check_for(self, method: type[Method], hp: TrainingHyperparameters) -> None:
+        """``ValueError`` when ``method`` needs cached features that are missing."""
+        if method.needs_features and self.train.features is None:
+            raise ValueError(f"method {method.name!r} trains on cached features: train features are required")
+        if method.needs_features and hp.select == "best_val" and self.val.features is None:
+            raise ValueError(f"method {method.name!r} selects its epoch on cached validation features: val features "
+                             f"are required")
+
+
+def select_splits(hp: TrainingHyperparameters, data: RunData, seed: int) -> tuple[ProtocolSelection, Split, Split]:
+    """The protocol's training rows, and the validation rows of the classes fine-tuning sees (model selection may
+    only see those)."""
+    selection = select_protocol(hp.protocol, data.train.labels.numpy(), data.class_names, seed)
+    val = data.val
+    if selection.absent_classes:
+        seen = torch.from_numpy(selection.seen_class_mask(data.class_names))
+        val = val.rows(np.flatnonzero(seen[val.labels].numpy()))
+    return selection, data.train.rows(selection.train_indices), val
+
+
+def run_fingerprint(spec: RunSpec, hp: TrainingHyperparameters, backbone: dict, data: RunData,
+                    selection: ProtocolSelection, n_val: int) -> str:
+    """What a resume checkpoint must match: the run, its settings, backbone, classes and training rows."""
+    return _fingerprint(
+        method=spec.method, variant=spec.variant, hp=dataclasses.asdict(hp), seed=spec.seed, backbone=backbone,
+        classes=data.class_names, n_val=n_val,
+        rows=hashlib.sha256(np.ascontiguousarray(selection.train_indices).tobytes()).hexdigest(),
+    )
+
+
 def finetune_run(
+    spec: RunSpec,
+    data: RunData,
     *,
-    backbone_spec: dict | Backbone,
-    method: str,
-    hparams: dict,
-    seed: int,
-    class_names: list[str],
-    prompt_names: list[str],
-    train: PixelSplit,
-    val: PixelSplit,
-    train_features: Tensor | None,
-    val_features: Tensor | None,
-    reference_head: dict[str, Tensor],
-    run_dir: Path,
+    backbone: dict | Backbone,
+    reference_head: Mapping[str, Tensor],
+    run_dir: str | Path,
     device: str = "auto",
-    progress: bool = True,
-    variant: str = "default",
-    training: dict | None = None,
     checkpoint_dir: Path | None = None,
     on_step_end: Callable[[int], None] | None = None,
-    extra_record: dict | None = None,
+    extra_record: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Fine-tune the reference model with ``method`` and write the run directory; returns the run.json record.
+    """Fine-tune the reference model (``backbone``'s encoder + ``reference_head``) as ``spec`` says on ``data``;
+    write the run directory and return its run.json record.
 
-    ``hparams``: the variant's overrides (``methods.<method>.<variant>``); ``training``: the config's ``training:``
-    block (its ``device`` key is used when ``device`` is "auto"; add the config's top-level ``protocol`` to it, a
-    variant's own ``protocol`` then overrides it). Resolution (``resolve_hyperparameters``): ``hparams`` beats
-    ``training``, which beats the method dataclass's own defaults (e.g. L2-SP's weight decay 0), which beat the
-    trainer's; run.json's ``hyperparameter_sources`` says which gave each value; an unknown key raises
-    ``ValueError``. ``train_features`` / ``val_features`` are
-    the cached encoder features aligned with ``train`` / ``val`` rows (needed by linear_probe and lp_ft).
-    ``backbone_spec`` may also be a :class:`Backbone` instance. ``checkpoint_dir`` (default ``<run_dir>.resume``)
-    holds the resumable state; ``on_step_end(step)`` runs after each optimizer step. ``extra_record``: further
-    top-level run.json entries (provenance such as the pipeline commit); they may not replace the run's own keys.
+    ``backbone``: a backbone spec or a :class:`Backbone`. ``checkpoint_dir`` (default ``<run_dir>.resume``) holds
+    the resumable state; ``on_step_end(step)`` runs after each optimizer step. ``extra_record``: further top-level
+    run.json entries (provenance such as the pipeline commit); they may not replace the run's own keys.
     """
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    method_cls = get_method(method)
+    method_cls = get_method(spec.method)
     clashes = sorted(set(extra_record or {}) & RUN_RECORD_KEYS)
     if clashes:
         raise ValueError(f"extra_record may not replace run.json keys {clashes}")
-    training = dict(training or {})
-    configured_device = training.pop("device", None)  # the config keeps it in training:, it is not a hyperparameter
-    if device == "auto" and configured_device:
-        device = configured_device
-    hp = resolve_hyperparameters(method_cls, training, hparams)
-    backbone = backbone_spec if isinstance(backbone_spec, Backbone) else build_backbone(backbone_spec)
-    dev = resolve_device(device)
-    class_names, prompt_names = list(class_names), list(prompt_names or class_names)
-    if len(prompt_names) != len(class_names):
-        raise ValueError(f"prompt_names has {len(prompt_names)} names, class_names {len(class_names)}")
-    for name, features, split in (("train", train_features, train), ("val", val_features, val)):
-        if features is not None and len(features) != len(split):
-            raise ValueError(f"{name}_features has {len(features)} rows, the {name} split {len(split)}")
-    if method_cls.needs_features and train_features is None:
-        raise ValueError(f"method {method!r} trains on cached features: train_features is required")
-    if method_cls.needs_features and hp.select == "best_val" and val_features is None:
-        raise ValueError(f"method {method!r} selects its epoch on cached validation features: val_features is required")
-
-    selection = select_protocol(hp.protocol, train.labels.numpy(), class_names, seed)
-    train_split = Split(train.labels.long(), train.pixels, train_features).rows(selection.train_indices)
-    val_split = Split(val.labels.long(), val.pixels, val_features)
-    if selection.absent_classes:  # model selection may only see the classes fine-tuning sees
-        seen = torch.from_numpy(selection.seen_class_mask(class_names))
-        val_split = val_split.rows(np.flatnonzero(seen[val_split.labels].numpy()))
-
+    hp = spec.hyperparameters()
+    backbone = backbone if isinstance(backbone, Backbone) else build_backbone(backbone)
+    dev = spec.device(device)
+    data.check_for(method_cls, hp)
+    selection, train_split, val_split = select_splits(hp, data, spec.seed)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else run_dir.with_name(run_dir.name + ".resume")
     run_dir.mkdir(parents=True, exist_ok=True)
     identity = backbone.identity()
-    with seeded_and_deterministic(seed):
-        model = build_reference_model(backbone, reference_head, len(class_names))
+    with seeded_and_deterministic(spec.seed):
+        model = build_reference_model(backbone, reference_head, len(data.class_names))
         total_parameters = sum(p.numel() for p in model.parameters())
         runner = method_cls(hp)
         ctx = TrainContext(
-            hp=hp, seed=seed, device=dev, train=train_split, val=val_split,
-            normalize=backbone.preprocessing.normalize, backbone=backbone, class_names=class_names,
-            prompt_names=prompt_names, progress=progress,
+            hp=hp, seed=spec.seed, device=dev, train=train_split, val=val_split,
+            normalize=backbone.preprocessing.normalize, backbone=backbone, class_names=data.class_names,
+            prompt_names=data.prompt_names, templates=spec.templates,
         )
-        record: dict[str, Any] = {}
         if runner.trains:
-            fingerprint = _fingerprint(
-                method=method, variant=variant, hp=dataclasses.asdict(hp), seed=seed, backbone=identity,
-                classes=class_names, n_val=len(val_split),
-                rows=hashlib.sha256(np.ascontiguousarray(selection.train_indices).tobytes()).hexdigest(),
-            )
+            fingerprint = run_fingerprint(spec, hp, identity, data, selection, len(val_split))
             result = train_model(model, runner, ctx, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
-                           on_step_end=on_step_end)
+                                 on_step_end=on_step_end)
             size = save_safetensors(run_dir / runner.checkpoint_file, result.tensors, result.metadata)
-            log = result.log
-            record.update(
-                trainable_parameters=runner.trainable_count(result.model),
-                trained_module_parameters=sum(p.numel() for p in result.model.parameters()),
-                best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
-                last_val_accuracy=result.last_val_accuracy, steps=result.steps,
-                resumed_at_step=result.resumed_at_step, method_info=runner.summary(result.model, ctx),
-            )
+            log, outcome = result.log, trained_record(runner, result, ctx)
         else:
-            size = 0
-            log = log_frame([])
-            val_accuracy = None
-            if len(val_split) and (val_features is not None or runner.needs_images):
-                model.to(dev)
-                val_accuracy = evaluate_accuracy(runner, model, ctx, val_split)
-            record.update(trainable_parameters=0, trained_module_parameters=total_parameters, best_epoch=None,
-                          best_val_accuracy=val_accuracy, last_val_accuracy=val_accuracy, steps=0,
-                          resumed_at_step=None, method_info={})
+            size, log, outcome = 0, log_frame([]), reference_record(runner, model, ctx, total_parameters)
 
-    write_table(run_dir / LOG_FILE, log, metadata={"method": method, "variant": variant, "seed": seed})
+    write_table(run_dir / LOG_FILE, log, metadata={"method": spec.method, "variant": spec.variant, "seed": spec.seed})
     record = {
-        "method": method,
-        "variant": variant,
-        "seed": int(seed),
+        "method": spec.method,
+        "variant": spec.variant,
+        "seed": int(spec.seed),
         "hyperparameters": dataclasses.asdict(hp),
-        "hyperparameter_sources": hyperparameter_sources(method_cls, training, hparams),
+        "hyperparameter_sources": spec.hyperparameter_sources(),
         "protocol": selection.record(),
         "absent_classes": list(selection.absent_classes),
-        "class_names": class_names,
+        "class_names": data.class_names,
         "backbone": identity,
         "device": str(dev),
         "n_train": len(train_split),
         "n_val": len(val_split),
         "total_parameters": int(total_parameters),
-        **record,
+        **outcome,
         "checkpoint": {"file": runner.checkpoint_file, "size_bytes": int(size)},
         "select": hp.select,
         "wall_time_s": time.perf_counter() - started,
@@ -239,6 +270,28 @@ def finetune_run(
     write_json_atomic(run_dir / RUN_FILE, record)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return record
+
+
+def trained_record(method: Method, result: TrainResult, ctx: TrainContext) -> dict[str, Any]:
+    """The run.json entries of a trained run."""
+    return {
+        "trainable_parameters": method.trainable_count(result.model),
+        "trained_module_parameters": sum(p.numel() for p in result.model.parameters()),
+        "best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+        "last_val_accuracy": result.last_val_accuracy, "steps": result.steps,
+        "resumed_at_step": result.resumed_at_step, "method_info": method.summary(result.model, ctx),
+    }
+
+
+def reference_record(method: Method, model: nn.Module, ctx: TrainContext, total_parameters: int) -> dict[str, Any]:
+    """The run.json entries of a method that trains nothing: the reference model's ID-validation accuracy."""
+    val_accuracy = None
+    if len(ctx.val) and (ctx.val.features is not None or method.needs_images):
+        model.to(ctx.device)
+        val_accuracy = evaluate_accuracy(method, model, ctx, ctx.val)
+    return {"trainable_parameters": 0, "trained_module_parameters": total_parameters, "best_epoch": None,
+            "best_val_accuracy": val_accuracy, "last_val_accuracy": val_accuracy, "steps": 0,
+            "resumed_at_step": None, "method_info": {}}
 
 
 def read_run_record(run_dir: str | Path) -> dict[str, Any]:
