@@ -22,6 +22,7 @@ include: "rules/report.smk"
 
 localrules:
     fetch_pacs,
+    study_summary,
     summary,
     report,
 
@@ -29,8 +30,8 @@ localrules:
 rule all:
     default_target: True
     input:
-        "results/summary.parquet",
-        "results/report/index.html",
+        rules.summary.output.summary,
+        rules.report.output.index,
 
 
 report: "report/workflow.rst"

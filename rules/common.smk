@@ -1,7 +1,9 @@
-# Config validation, names and paths, and input functions. Parsing stays cheap: nothing here opens data.
+# Config validation, the studies and their folders, and input functions. Parsing stays cheap: nothing here opens
+# data or imports torch.
 
 import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -10,7 +12,19 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])))
 
-from robustft.config import ConfigError, canonical_json, load_yaml_strict, resolved_variant, run_table, validate_config
+from robustft.config import (
+    ConfigError,
+    cap_key,
+    cap_value,
+    canonical_json,
+    load_yaml_strict,
+    manifest_domains,
+    pixel_spec,
+    resolved_variant,
+    run_table,
+    study_table,
+    validate_config,
+)
 from snakemake.utils import validate
 
 
@@ -29,47 +43,33 @@ def _validated_config(raw):
 
 config.update(_validated_config(config))
 
-DATASET = config["dataset"]["name"]
-ID_DOMAIN = config["dataset"]["id_domain"]
-OOD_DOMAINS = config["dataset"]["ood_domains"]
-DOMAINS = [ID_DOMAIN, *OOD_DOMAINS]
+# One study per (dataset, backbone) pair; its folder results/<dataset>/<backbone>/ holds its reference head, runs
+# and summary. The path keys are named from what the results depend on (robustft.config.study_table).
+STUDIES = study_table(config)
 RUNS = run_table(config)
+STUDY = {s["study"]: s for s in STUDIES}
+DATASETS = {s["dataset"]: s["dataset_spec"] for s in STUDIES}  # study dataset key -> dataset block
+BACKBONES = {s["backbone"]: s["backbone_spec"] for s in STUDIES}  # backbone key -> backbone block
+DATA = {s["data"]: s["dataset_spec"] for s in STUDIES}  # manifest key -> a dataset block with its settings
+PREPROCESS = {s["preprocess"]: pixel_spec(s["backbone_spec"]) for s in STUDIES}  # pixel cache key -> spec
+PREPROCESS_OF = {s["backbone"]: s["preprocess"] for s in STUDIES}  # backbone key -> its pixel cache key
+LOCAL_PACS = "results/data/PACS"  # where rule fetch_pacs puts PACS when a configured root is absent
 
 
-def _slug(text):
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(text))
-
-
-def backbone_tag(spec):
-    """A readable folder name for the backbone (with its resolution)."""
-    size = spec.get("image_size") or "native"
-    if spec["name"] == "open_clip":
-        weights = Path(spec["pretrained"]).stem if spec.get("pretrained") else "random"
-        return _slug(f"open_clip-{spec['model']}-{weights}-{size}px")
-    weights = Path(spec["weights"]).stem if spec.get("weights") else "imagenet"
-    return _slug(f"{spec['name']}-{weights}-{size}px")
-
-
-def preprocess_tag(spec):
-    """The pixel cache's folder name: resolution and resampling (normalisation is applied on the fly)."""
-    if spec["name"] == "open_clip":
-        return _slug(f"{spec['model']}-{spec.get('image_size') or 'native'}px_bicubic")
-    return f"{spec.get('image_size') or 224}px_bilinear"
-
-
-BACKBONE = backbone_tag(config["backbone"])
-PREPROCESS = preprocess_tag(config["backbone"])
-BACKBONE_SPEC = {k: v for k, v in config["backbone"].items() if k != "templates"}
-EVAL_SPLITS = [(ID_DOMAIN, "val"), (ID_DOMAIN, "test")] + [(d, "test") for d in OOD_DOMAINS]
+def _alternatives(names):
+    """A regex matching exactly one of ``names`` (longest first)."""
+    return "|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True))
 
 
 wildcard_constraints:
-    dataset=DATASET,
-    backbone=BACKBONE,
-    preprocess=PREPROCESS,
-    domain="|".join(DOMAINS),
+    dataset=_alternatives(DATASETS),
+    backbone=_alternatives(BACKBONES),
+    data=_alternatives(DATA),
+    preprocess=_alternatives(PREPROCESS),
+    domain=_alternatives(d for s in STUDIES for d in [s["id_domain"], *s["ood_domains"]]),
     split="train|val|test",
-    method="|".join(config["methods"]),
+    cap=r"all|max\d+",
+    method=_alternatives(config["methods"]),
     seed=r"\d+",
     fold=r"\d+",
     variant=r"[A-Za-z0-9][A-Za-z0-9_-]*",
@@ -85,41 +85,85 @@ def code_version(*parts):
     return digest.hexdigest()[:12]
 
 
-def dataset_root():
+# ------------------------------------------------------------------------------------------------ names and paths
+
+
+def study(wildcards):
+    """The study of a job with ``dataset`` and ``backbone`` wildcards."""
+    return STUDY[f"{wildcards.dataset}/{wildcards.backbone}"]
+
+
+def backbone_spec(key):
+    """A backbone's settings as the library takes them (``templates`` is a separate param)."""
+    return {k: v for k, v in BACKBONES[key].items() if k != "templates"}
+
+
+def dataset_root(dataset):
     """The configured dataset root, or the fetched copy where it is absent and fetching is allowed."""
-    root = Path(config["dataset"]["root"])
-    if root.is_dir() or not config["dataset"]["fetch"] or DATASET != "pacs":
+    root = Path(dataset["root"])
+    if root.is_dir() or not dataset["fetch"] or dataset["name"] != "pacs":
         return str(root)
-    return "results/data/PACS"
+    return LOCAL_PACS
+
+
+def pixel_path(s, domain, split):
+    cap = cap_key(s["dataset_spec"]["max_per_class"][split])
+    return rules.pixel_cache.output.pixels.format(data=s["data"], preprocess=s["preprocess"], domain=domain,
+                                                  split=split, cap=cap)
+
+
+def feature_path(s, domain, split):
+    cap = cap_key(s["dataset_spec"]["max_per_class"][split])
+    return rules.features.output.features.format(backbone=s["backbone"], data=s["data"], domain=domain, split=split,
+                                                 cap=cap)
+
+
+def eval_splits(s):
+    """(domain, split) of every evaluated split of a study: ID val and test, each OOD domain's test."""
+    return [(s["id_domain"], "val"), (s["id_domain"], "test")] + [(d, "test") for d in s["ood_domains"]]
+
+
+def run_path(template, run):
+    """``template`` (a run rule's output) for one row of the run table."""
+    return template.format(dataset=run["dataset"], backbone=run["backbone"], method=run["method"],
+                           variant=run["variant"], seed=run["seed"])
+
+
+def study_runs(s):
+    return [r for r in RUNS if r["study"] == s["study"]]
+
+
+# ----------------------------------------------------------------------------------------------- input functions
 
 
 def manifest_inputs(wildcards):
     """The fetched-PACS marker when the configured root is absent."""
-    return {"fetched": "results/data/PACS/.complete"} if dataset_root() == "results/data/PACS" else {}
+    if dataset_root(DATA[wildcards.data]) == LOCAL_PACS:
+        return {"fetched": rules.fetch_pacs.output.marker}
+    return {}
 
 
-def split_cap(split):
-    return config["dataset"]["max_per_class"][split]
+def manifest_params(wildcards):
+    """What the manifest depends on: dataset adapter, root, the domains it scans, split, bad-image policy."""
+    dataset = DATA[wildcards.data]
+    return {"dataset": dataset["name"], "root": dataset_root(dataset), "domains": manifest_domains(dataset),
+            "split": dataset["split"], "on_bad_image": dataset["on_bad_image"]}
 
 
-def pixel_path(domain, split):
-    return f"results/pixels/{DATASET}/{PREPROCESS}/{domain}_{split}.h5"
+def study_manifest(wildcards):
+    return rules.manifest.output.manifest.format(data=study(wildcards)["data"])
 
 
-def feature_path(domain, split):
-    return f"results/features/{BACKBONE}/{DATASET}/{domain}_{split}.h5"
-
-
-MANIFEST = f"results/data/{DATASET}/manifest.parquet"
-REFERENCE_HEAD = f"results/reference/{BACKBONE}/{DATASET}/head.safetensors"
-
-
-RUN_DIR = "results/runs/{method}/{variant}/seed{seed}"
-
-
-def run_dirs():
-    """Every run directory the config asks for."""
-    return [f"results/runs/{r['method']}/{r['variant']}/seed{r['seed']}" for r in RUNS]
+def training_inputs(wildcards):
+    """The caches a fine-tuning job reads: manifest, ID train/val pixels and features, the reference head."""
+    s = study(wildcards)
+    return {
+        "manifest": study_manifest(wildcards),
+        "train_pixels": pixel_path(s, s["id_domain"], "train"),
+        "val_pixels": pixel_path(s, s["id_domain"], "val"),
+        "train_features": feature_path(s, s["id_domain"], "train"),
+        "val_features": feature_path(s, s["id_domain"], "val"),
+    }
 
 
 def variant_params(wildcards):
@@ -129,21 +173,20 @@ def variant_params(wildcards):
     return canonical_json(resolved_variant(config, wildcards.method, wildcards.variant))
 
 
-def eval_split_names():
-    return [f"{domain}_{split}" for domain, split in EVAL_SPLITS]
+def sweep_inputs(wildcards):
+    """Every eval split's pixels and features, and the ID training pixels when the sweep runs the Fisher merge."""
+    s = study(wildcards)
+    inputs = {}
+    for domain, split in eval_splits(s):
+        inputs[f"pixels_{domain}_{split}"] = pixel_path(s, domain, split)
+        inputs[f"features_{domain}_{split}"] = feature_path(s, domain, split)
+    if config["sweep"]["fisher"]:
+        inputs["fisher_pixels"] = pixel_path(s, s["id_domain"], "train")
+    return inputs
 
 
-def eval_pixel_paths(wildcards=None):
-    return {f"{d}_{s}": pixel_path(d, s) for d, s in EVAL_SPLITS}
-
-
-def eval_feature_paths(wildcards=None):
-    return {f"{d}_{s}": feature_path(d, s) for d, s in EVAL_SPLITS}
-
-
-def sweep_fisher_inputs(wildcards):
-    """The ID training pixels, only when the sweep also runs the Fisher-weighted merge."""
-    return {"fisher_pixels": pixel_path(ID_DOMAIN, "train")} if config["sweep"]["fisher"] else {}
+def eval_split_names(wildcards):
+    return [f"{domain}_{split}" for domain, split in eval_splits(study(wildcards))]
 
 
 def is_class_subset(method, variant):
@@ -155,5 +198,53 @@ def pcv_inputs(wildcards):
     """The PCV fold logits a class-subset run's calibration needs (none for other protocols)."""
     if not is_class_subset(wildcards.method, wildcards.variant):
         return {}
-    folds = range(config["calibration"]["pcv_folds"])
-    return {"pcv": [f"results/runs/{wildcards.method}/{wildcards.variant}/seed{wildcards.seed}/pcv/fold{k}/val_logits.h5" for k in folds]}
+    values = dict(wildcards.items())
+    return {"pcv": [rules.pcv_logits.output.logits.format(**values, fold=k)
+                    for k in range(config["calibration"]["pcv_folds"])]}
+
+
+def study_description(s):
+    """What the summary and the report say about a study (robustft.pipeline.analysis.summary_stage's ``studies``)."""
+    return {"study": s["study"], "dataset": s["dataset_spec"]["name"], "backbone": s["backbone"],
+            "id_domain": s["id_domain"], "ood_domains": s["ood_domains"]}
+
+
+def features_pixels(wildcards):
+    """The pixel cache a feature cache encodes: same manifest, domain, split and cap, the backbone's preprocessing."""
+    return rules.pixel_cache.output.pixels.format(data=wildcards.data, preprocess=PREPROCESS_OF[wildcards.backbone],
+                                                  domain=wildcards.domain, split=wildcards.split, cap=wildcards.cap)
+
+
+def reference_inputs(wildcards):
+    """The reference head's inputs: the study's manifest and its ID train and val features."""
+    s = study(wildcards)
+    return {"manifest": study_manifest(wildcards), "train": feature_path(s, s["id_domain"], "train"),
+            "val": feature_path(s, s["id_domain"], "val")}
+
+
+def pcv_logits_inputs(wildcards):
+    """A PCV fold model's evaluation inputs: the study's manifest and its ID val pixels and features."""
+    s = study(wildcards)
+    return {"manifest": study_manifest(wildcards), "val_pixels": pixel_path(s, s["id_domain"], "val"),
+            "val_features": feature_path(s, s["id_domain"], "val")}
+
+
+def study_summary_inputs(wildcards):
+    """Every run of one study: its metrics and run.json."""
+    runs = study_runs(study(wildcards))
+    return {"metrics": [run_path(rules.calibrate.output.metrics, r) for r in runs],
+            "runs": [run_path(rules.finetune.output.run, r) for r in runs]}
+
+
+def report_description():
+    """What the report says about the config: datasets, backbones and studies by label, methods, seeds, sweep."""
+    description = {k: v for k, v in config.items() if k in ("methods", "seeds", "sweep", "report")}
+    description["studies"] = [study_description(s) | {"dataset_label": s["dataset_label"],
+                                                       "backbone_label": s["backbone_label"]} for s in STUDIES]
+    description["datasets"] = {s["dataset_label"]: s["dataset_spec"] for s in STUDIES}
+    description["backbones"] = {s["backbone_label"]: backbone_spec(s["backbone"]) for s in STUDIES}
+    if len(description["datasets"]) == 1:
+        description["dataset"] = next(iter(description["datasets"].values()))
+    if len(description["backbones"]) == 1:
+        description["backbone"] = next(iter(description["backbones"].values()))
+    return description

@@ -1,18 +1,19 @@
-# Decoded pixel caches (uint8 HDF5, once per preprocessing) and pre-trained feature caches (HDF5).
+# Decoded pixel caches (uint8 HDF5, one per manifest, preprocessing, domain, split and cap) and pre-trained feature
+# caches (HDF5, one per backbone and pixel cache).
 
 
 rule pixel_cache:
     input:
-        manifest=MANIFEST,
+        manifest=rules.manifest.output.manifest,
     output:
-        pixels="results/pixels/{dataset}/{preprocess}/{domain}_{split}.h5",
+        pixels="results/pixels/{data}/{preprocess}/{domain}_{split}-{cap}.h5",
     params:
-        max_per_class=lambda wc: split_cap(wc.split),
-        backbone=BACKBONE_SPEC,
+        max_per_class=lambda wc: cap_value(wc.cap),
+        backbone=lambda wc: PREPROCESS[wc.preprocess],
         code=code_version("robustft/data", "robustft/io"),
-    threads: config["dataset"]["workers"]
+    threads: 8
     log:
-        "results/logs/pixel_cache/{dataset}/{preprocess}/{domain}_{split}.log",
+        "results/logs/pixel_cache/{data}/{preprocess}/{domain}_{split}-{cap}.log",
     conda:
         "../envs/robustft.yaml"
     script:
@@ -21,11 +22,11 @@ rule pixel_cache:
 
 rule features:
     input:
-        pixels=lambda wc: pixel_path(wc.domain, wc.split),
+        pixels=features_pixels,
     output:
-        features="results/features/{backbone}/{dataset}/{domain}_{split}.h5",
+        features="results/features/{backbone}/{data}/{domain}_{split}-{cap}.h5",
     params:
-        backbone=BACKBONE_SPEC,
+        backbone=lambda wc: backbone_spec(wc.backbone),
         batch_size=config["eval"]["batch_size"],
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],
@@ -33,7 +34,7 @@ rule features:
     resources:
         gpu=1,
     log:
-        "results/logs/features/{backbone}/{dataset}/{domain}_{split}.log",
+        "results/logs/features/{backbone}/{data}/{domain}_{split}-{cap}.log",
     conda:
         "../envs/robustft.yaml"
     script:

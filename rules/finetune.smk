@@ -1,20 +1,16 @@
-# One fine-tuning job per (method, variant, seed); resumes from its last checkpoint when requeued.
+# One fine-tuning job per (study, method, variant, seed); resumes from its last checkpoint when requeued.
 
 
 rule finetune:
     input:
-        manifest=MANIFEST,
-        train_pixels=pixel_path(ID_DOMAIN, "train"),
-        val_pixels=pixel_path(ID_DOMAIN, "val"),
-        train_features=feature_path(ID_DOMAIN, "train"),
-        val_features=feature_path(ID_DOMAIN, "val"),
-        reference_head=REFERENCE_HEAD,
+        unpack(training_inputs),
+        reference_head=rules.reference.output.head,
     output:
-        run=f"{RUN_DIR}/run.json",
-        train_log=f"{RUN_DIR}/train_log.parquet",
+        run="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/run.json",
+        train_log="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/train_log.parquet",
     params:
-        backbone=BACKBONE_SPEC,
-        templates=config["backbone"]["templates"],
+        backbone=lambda wc: backbone_spec(wc.backbone),
+        templates=lambda wc: BACKBONES[wc.backbone]["templates"],
         settings=variant_params,
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],
@@ -23,7 +19,7 @@ rule finetune:
     resources:
         gpu=1,
     log:
-        f"results/logs/finetune/{{method}}/{{variant}}/seed{{seed}}.log",
+        "results/logs/finetune/{dataset}/{backbone}/{method}/{variant}/seed{seed}.log",
     conda:
         "../envs/robustft.yaml"
     script:

@@ -1,22 +1,20 @@
-# The reference model's head: CLIP zero-shot head, or a linear probe for classifier backbones.
+# The reference model's head, one per study: CLIP zero-shot head, or a linear probe for classifier backbones.
 
 
 rule reference:
     input:
-        manifest=MANIFEST,
-        train=feature_path(ID_DOMAIN, "train"),
-        val=feature_path(ID_DOMAIN, "val"),
+        unpack(reference_inputs),
     output:
-        head=REFERENCE_HEAD,
-        info=f"results/reference/{BACKBONE}/{DATASET}/reference.json",
+        head="results/{dataset}/{backbone}/reference/head.safetensors",
+        info="results/{dataset}/{backbone}/reference/reference.json",
     params:
-        backbone=BACKBONE_SPEC,
+        backbone=lambda wc: backbone_spec(wc.backbone),
         reference=config["reference"],
-        templates=config["backbone"]["templates"],
+        templates=lambda wc: BACKBONES[wc.backbone]["templates"],
         cpu_threads=config["compute"]["cpu_threads"],
         code=code_version("robustft/heads.py", "robustft/backbones"),
     log:
-        f"results/logs/reference/{BACKBONE}/{DATASET}.log",
+        "results/logs/reference/{dataset}/{backbone}.log",
     conda:
         "../envs/robustft.yaml"
     script:
