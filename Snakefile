@@ -10,6 +10,7 @@ configfile: "config.yaml"
 
 
 include: "rules/common.smk"
+include: "rules/weights.smk"
 include: "rules/data.smk"
 include: "rules/features.smk"
 include: "rules/reference.smk"
@@ -21,6 +22,8 @@ include: "rules/report.smk"
 
 
 localrules:
+    weights,
+    weights_checked,
     fetch_pacs,
     study_summary,
     summary,

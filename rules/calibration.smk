@@ -16,7 +16,7 @@ rule calibrate:
         bootstrap=config["eval"]["bootstrap"],
         ci_level=config["eval"]["ci_level"],
         cpu_threads=config["compute"]["cpu_threads"],
-        code=code_version("robustft/calibration.py", "robustft/metrics.py", "robustft/pipeline/analysis.py"),
+        code=code_version("calibrate.py"),
     log:
         "results/logs/calibrate/{dataset}/{backbone}/{method}/{variant}/seed{seed}.log",
     conda:
@@ -29,17 +29,18 @@ rule finetune_pcv:
     input:
         unpack(training_inputs),
         reference_head=rules.reference.output.head,
+        weights=rules.weights.output.record,
     output:
         run="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/pcv/fold{fold}/run.json",
     params:
-        backbone=lambda wc: backbone_spec(wc.backbone),
+        backbone=job_backbone,
         templates=lambda wc: BACKBONES[wc.backbone]["templates"],
         settings=variant_params,
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],
         folds=config["calibration"]["pcv_folds"],
         fraction=config["calibration"]["pcv_fraction"],
-        code=code_version("robustft/training", "robustft/methods", "robustft/models.py", "robustft/fisher.py"),
+        code=code_version("finetune_pcv.py"),
     threads: 2
     resources:
         gpu=1,
@@ -57,15 +58,16 @@ rule pcv_logits:
         run=rules.finetune_pcv.output.run,
         parent=rules.finetune.output.run,
         reference_head=rules.reference.output.head,
+        weights=rules.weights.output.record,
     output:
         logits="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/pcv/fold{fold}/val_logits.h5",
     params:
-        backbone=lambda wc: backbone_spec(wc.backbone),
+        backbone=job_backbone,
         alphas=config["sweep"]["alphas"],
         batch_size=config["eval"]["batch_size"],
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],
-        code=code_version("robustft/evaluation.py", "robustft/interpolation.py", "robustft/pipeline/analysis.py"),
+        code=code_version("pcv_logits.py"),
     threads: 2
     resources:
         gpu=1,

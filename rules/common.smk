@@ -1,7 +1,6 @@
 # Config validation, the studies and their folders, and input functions. Parsing stays cheap: nothing here opens
 # data or imports torch.
 
-import hashlib
 import os
 import re
 import sys
@@ -17,6 +16,7 @@ from robustft.config import (
     cap_key,
     cap_value,
     canonical_json,
+    is_file_reference,
     load_yaml_strict,
     manifest_domains,
     pixel_spec,
@@ -25,7 +25,14 @@ from robustft.config import (
     study_table,
     validate_config,
 )
+from robustft.code_closure import CodeClosure
+from robustft.network import set_jobs_offline
 from snakemake.utils import validate
+
+# Jobs never touch the network (GPU nodes usually have none): the model hub's offline switches are set here, so
+# every job inherits them, locally or on a cluster node (where the job parses this file again). Rule weights, on the
+# submit node, gets the user's own settings back.
+set_jobs_offline()
 
 
 def _validated_config(raw):
@@ -75,14 +82,15 @@ wildcard_constraints:
     variant=r"[A-Za-z0-9][A-Za-z0-9_-]*",
 
 
-def code_version(*parts):
-    """A hash of library sources, used as a param so that changing the code a rule runs reruns that rule."""
-    digest = hashlib.sha256()
-    for part in parts:
-        base = Path(workflow.basedir) / part
-        for file in sorted(base.rglob("*.py")) if base.is_dir() else [base]:
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:12]
+CODE = CodeClosure(workflow.basedir, cache=".snakemake/robustft/code_closure.json")
+
+
+def code_version(script):
+    """A hash of a workflow script and every library file it imports (robustft.code_closure), a param of the rule
+    that runs it: a change in that code reruns the rule's jobs, a change elsewhere none."""
+    version = CODE.version(Path(workflow.basedir) / "workflow_scripts" / script)
+    CODE.save_cache()
+    return version
 
 
 # ------------------------------------------------------------------------------------------------ names and paths
@@ -96,6 +104,23 @@ def study(wildcards):
 def backbone_spec(key):
     """A backbone's settings as the library takes them (``templates`` is a separate param)."""
     return {k: v for k, v in BACKBONES[key].items() if k != "templates"}
+
+
+def job_backbone(wildcards):
+    """The backbone of a job that builds the model: its settings and the weights record it loads the file from."""
+    return backbone_spec(wildcards.backbone) | {"weights_record": rules.weights.output.record.format(
+        backbone=wildcards.backbone)}
+
+
+def weights_inputs(wildcards):
+    """The local files a backbone's weights come from (a changed file reruns rule weights and what follows)."""
+    spec = BACKBONES[wildcards.backbone]
+    files = {"model_config": spec.get("model_config")}
+    if spec["name"] == "open_clip" and spec.get("pretrained") and is_file_reference(spec["pretrained"]):
+        files["checkpoint"] = spec["pretrained"]
+    if spec["name"] != "open_clip" and spec.get("weights"):
+        files["checkpoint"] = spec["weights"]
+    return {k: v for k, v in files.items() if v}
 
 
 def dataset_root(dataset):

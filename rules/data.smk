@@ -18,6 +18,7 @@ rule fetch_pacs:
 rule manifest:
     input:
         unpack(manifest_inputs),
+        checked=ancient(rules.weights_checked.output.checked),
     output:
         manifest="results/data/{data}/manifest.parquet",
     params:
@@ -26,7 +27,7 @@ rule manifest:
         domains=lambda wc: manifest_params(wc)["domains"],
         split=lambda wc: manifest_params(wc)["split"],
         on_bad_image=lambda wc: manifest_params(wc)["on_bad_image"],
-        code=code_version("robustft/data"),
+        code=code_version("build_manifest.py"),
     threads: 8
     log:
         "results/logs/manifest/{data}.log",

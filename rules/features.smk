@@ -5,12 +5,13 @@
 rule pixel_cache:
     input:
         manifest=rules.manifest.output.manifest,
+        checked=ancient(rules.weights_checked.output.checked),
     output:
         pixels="results/pixels/{data}/{preprocess}/{domain}_{split}-{cap}.h5",
     params:
         max_per_class=lambda wc: cap_value(wc.cap),
         backbone=lambda wc: PREPROCESS[wc.preprocess],
-        code=code_version("robustft/data", "robustft/io"),
+        code=code_version("pixel_cache.py"),
     threads: 8
     log:
         "results/logs/pixel_cache/{data}/{preprocess}/{domain}_{split}-{cap}.log",
@@ -23,14 +24,15 @@ rule pixel_cache:
 rule features:
     input:
         pixels=features_pixels,
+        weights=rules.weights.output.record,
     output:
         features="results/features/{backbone}/{data}/{domain}_{split}-{cap}.h5",
     params:
-        backbone=lambda wc: backbone_spec(wc.backbone),
+        backbone=job_backbone,
         batch_size=config["eval"]["batch_size"],
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],
-        code=code_version("robustft/backbones", "robustft/features.py"),
+        code=code_version("features.py"),
     resources:
         gpu=1,
     log:

@@ -5,16 +5,17 @@ rule finetune:
     input:
         unpack(training_inputs),
         reference_head=rules.reference.output.head,
+        weights=rules.weights.output.record,
     output:
         run="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/run.json",
         train_log="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/train_log.parquet",
     params:
-        backbone=lambda wc: backbone_spec(wc.backbone),
+        backbone=job_backbone,
         templates=lambda wc: BACKBONES[wc.backbone]["templates"],
         settings=variant_params,
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],
-        code=code_version("robustft/training", "robustft/methods", "robustft/models.py", "robustft/fisher.py"),
+        code=code_version("finetune.py"),
     threads: 2
     resources:
         gpu=1,

@@ -4,15 +4,16 @@
 rule reference:
     input:
         unpack(reference_inputs),
+        weights=rules.weights.output.record,
     output:
         head="results/{dataset}/{backbone}/reference/head.safetensors",
         info="results/{dataset}/{backbone}/reference/reference.json",
     params:
-        backbone=lambda wc: backbone_spec(wc.backbone),
+        backbone=job_backbone,
         reference=config["reference"],
         templates=lambda wc: BACKBONES[wc.backbone]["templates"],
         cpu_threads=config["compute"]["cpu_threads"],
-        code=code_version("robustft/heads.py", "robustft/backbones"),
+        code=code_version("reference.py"),
     log:
         "results/logs/reference/{dataset}/{backbone}.log",
     conda:

@@ -30,7 +30,8 @@ rule report:
                                caption="../report/leaderboard.rst"),
     params:
         description=report_description(),
-        code=code_version("robustft/report"),
+        run_studies=[r["study"] for r in RUNS],  # the study of each curve and train log, in their order
+        code=code_version("report.py"),
     log:
         "results/logs/report.log",
     conda:

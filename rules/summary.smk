@@ -13,7 +13,7 @@ rule study_summary:
         studies=lambda wc, input: [study_description(study(wc))] * len(input.metrics),
         bootstrap=config["eval"]["bootstrap"],
         ci_level=config["eval"]["ci_level"],
-        code=code_version("robustft/pipeline/analysis.py"),
+        code=code_version("summary.py"),
     log:
         "results/logs/study_summary/{dataset}/{backbone}.log",
     conda:
@@ -29,7 +29,7 @@ rule summary:
     output:
         summary="results/summary.parquet",
     params:
-        code=code_version("robustft/pipeline/studies.py", "robustft/io/tables.py"),
+        code=code_version("combine_summaries.py"),
     log:
         "results/logs/summary.log",
     conda:

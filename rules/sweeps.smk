@@ -7,17 +7,18 @@ rule sweep:
         manifest=study_manifest,
         run=rules.finetune.output.run,
         reference_head=rules.reference.output.head,
+        weights=rules.weights.output.record,
     output:
         logits="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/sweep_logits.h5",
     params:
-        backbone=lambda wc: backbone_spec(wc.backbone),
+        backbone=job_backbone,
         splits=eval_split_names,
         alphas=config["sweep"]["alphas"],
         fisher_examples=config["sweep"]["fisher_examples"] if config["sweep"]["fisher"] else 0,
         batch_size=config["eval"]["batch_size"],
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],
-        code=code_version("robustft/evaluation.py", "robustft/interpolation.py", "robustft/pipeline/analysis.py"),
+        code=code_version("sweep.py"),
     threads: 2
     resources:
         gpu=1,

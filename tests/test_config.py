@@ -479,3 +479,13 @@ def test_flyp_and_kshot_in_a_mixed_matrix_need_a_restriction():
     restricted = [{"dataset": ["photo", "sketch"], "backbone": "b32"},
                   {"dataset": "photo", "backbone": "lite0", "methods": ["zeroshot"]}]
     assert len(study_table(validate_config({**flyp, "studies": restricted}))) == 3
+
+
+def test_both_fine_tuning_rules_pass_the_backbone_templates():
+    """FLYP builds its prompts from backbone.templates (issue #14): the PCV fold runs must get them too."""
+    import re
+
+    text = "".join(path.read_text() for path in sorted((REPO / "rules").glob("*.smk")))
+    for rule in ("finetune", "finetune_pcv"):
+        block = re.search(rf"^rule {rule}:\n((?:[ \t]+.*\n|\n)*)", text, re.M)[1]
+        assert re.search(r'^\s+templates=lambda wc: BACKBONES\[wc\.backbone\]\["templates"\],$', block, re.M), rule

@@ -67,7 +67,7 @@ ID_DOMAIN, OOD_DOMAINS = "photo", ["art_painting", "sketch"]
 N_CLASSES = 7
 KILL_SEED = int(os.environ.get("ROBUSTFT_KILL_SEED", random.SystemRandom().randrange(10**6)))
 #: Rules that follow the summary (the report) and the target rule: allowed in every "what reruns" answer.
-AFTER_SUMMARY = {"summary", "report", "all"}
+AFTER_SUMMARY = {"study_summary", "summary", "report", "all"}
 #: The restricted runs stop at the summary (the session's run builds the report as well).
 SUMMARY = "results/summary.parquet"
 

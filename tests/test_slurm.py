@@ -75,7 +75,7 @@ REQUIRE_SLURM = os.environ.get("ROBUSTFT_REQUIRE_SLURM", "") not in ("", "0")
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
 #: programs cluster.sh needs; it apt-get installs the missing ones
 SLURM_PROGRAMS = ("slurmctld", "slurmd", "sbatch", "munged", "slurmdbd", "mariadbd")
-LOCAL_RULES = {"summary", "report", "all"}
+LOCAL_RULES = {"weights", "weights_checked", "study_summary", "summary", "report", "all"}
 GPU_RULES = {"features", "finetune", "finetune_pcv", "sweep", "pcv_logits"}
 RUN_TIMEOUT = float(os.environ.get("ROBUSTFT_SLURM_TIMEOUT", "1200"))
 
@@ -398,6 +398,26 @@ def test_fake_gpu_jobs_see_cuda_visible_devices_and_train_on_cpu(runs):
     for method in ("zeroshot", "full_ft"):
         record = json.loads((run_dir(runs.slurm_dir, runs.config, method, "default") / "run.json").read_text())
         assert record["device"] == "cpu", record["device"]
+
+
+def test_jobs_read_the_checkpoint_the_weights_rule_recorded_with_the_hub_offline(runs, slurm_jobs):
+    import h5py
+
+    records = [p for p in (runs.slurm_dir / "results" / "weights").glob("*.json") if p.name != "checked.json"]
+    assert len(records) == 1, records
+    record = json.loads(records[0].read_text())
+    assert Path(record["path"]).is_file() and record["sha256"]
+    for method in ("zeroshot", "full_ft"):
+        run = json.loads((run_dir(runs.slurm_dir, runs.config, method, "default") / "run.json").read_text())
+        assert run["backbone"]["weights_sha256"] == record["sha256"], method
+    features = sorted((runs.slurm_dir / "results" / "features").rglob("*.h5"))
+    assert features
+    for path in features:
+        with h5py.File(path, "r") as handle:
+            assert handle.attrs["weights_sha256"] == record["sha256"], path
+    # the Slurm job's processes (the cancelled fine-tuning) ran with the model hub switched offline
+    assert runs.cancel.envs and all(env.get("HF_HUB_OFFLINE") == "1" for env in runs.cancel.envs), \
+        [env.get("HF_HUB_OFFLINE") for env in runs.cancel.envs]
 
 
 def test_cancelled_fine_tuning_was_resubmitted_and_resumed_from_its_checkpoint(runs, slurm_jobs):

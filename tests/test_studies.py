@@ -10,7 +10,8 @@ One module-scoped sequence of runs in ONE working directory (tiny PACS, zeroshot
 5. AB again, then M again: removing a backbone and adding it back recomputes no cache and no run.
 
 After every step, every file of the earlier steps (caches, runs, per-study summaries) is unchanged bit for bit, with
-its modification time. Plus a dry run of a 3-backbone x 2-dataset x every-method matrix (job counts per rule).
+its modification time. The steps target the combined summary; the report over the matrix is built last. Plus a dry
+run of a 3-backbone x 2-dataset x every-method matrix (job counts per rule).
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ METHODS = {"zeroshot": {"default": {}}, "full_ft": {"default": {}}}
 CONFIG_LEVEL = ("results/summary.parquet", "results/report/", "results/logs/")
 
 
-def _config(dataset: dict, **extra) -> dict:
-    return tiny_config({"dataset": dataset, "methods": METHODS, "sweep": {"alphas": [0.0, 1.0]},
-                        "eval": {"bootstrap": 20}, **extra})
+def _config(dataset: dict) -> dict:
+    config = tiny_config({"dataset": dataset, "sweep": {"alphas": [0.0, 1.0]}, "eval": {"bootstrap": 20}})
+    return {**config, "methods": METHODS}
 
 
 def _matrix(a: dict, b: dict, backbones: dict | None = None) -> dict:
@@ -77,16 +78,20 @@ def _assert_untouched(before: dict, after: dict, what: str) -> None:
     assert not missing and not changed, f"{what}: files removed {missing[:5]}, changed {changed[:5]}"
 
 
-def _dry_run(workdir: Path, config: dict) -> dict[str, int]:
+#: The target of the runs below: the combined summary (the report across studies is checked on its own, last).
+SUMMARY = "results/summary.parquet"
+
+
+def _dry_run(workdir: Path, config: dict, *targets: str) -> dict[str, int]:
     write_config(workdir, config)
-    proc = run_snakemake(workdir, "-n", "--quiet", "rules", timeout=300)
+    proc = run_snakemake(workdir, *(targets or [SUMMARY]), "-n", "--quiet", "rules", timeout=300)
     assert proc.returncode == 0, output_tail(proc)
     return dry_run_jobs(proc)
 
 
 def _run(workdir: Path, config: dict) -> None:
     write_config(workdir, config)
-    run_pipeline(workdir, timeout=1800)
+    run_pipeline(workdir, SUMMARY, timeout=1800)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +118,6 @@ def studies(tmp_path_factory, tiny_open_clip) -> SimpleNamespace:
     _run(workdir, m)
     out.snap["m"] = _snapshot(workdir)
     out.summary_m = read_summary(workdir)
-    out.report_m = (workdir / "results" / "report" / "index.html").is_file()
     out.dry["ab_again"] = _dry_run(workdir, ab)  # a backbone removed ...
     _run(workdir, ab)
     out.dry["m_again"] = _dry_run(workdir, m)  # ... and added back
@@ -141,13 +145,13 @@ def test_a_second_config_leaves_the_first_ones_results_untouched(studies):
     # ID training and validation caches
     new_b = {rule: n for rule, n in studies.dry["b"].items()}
     assert new_b == {"pixel_cache": 2, "features": 2, "reference": 1, "finetune": 2, "sweep": 2, "calibrate": 2,
-                     "study_summary": 1, "summary": 1, "report": 1, "all": 1}, new_b
+                     "study_summary": 1, "summary": 1}, new_b
     manifests = sorted((studies.workdir / "results" / "data").glob("*/manifest.parquet"))
     assert len(manifests) == 1, manifests
 
 
 def test_a_config_listing_both_computes_only_the_combined_summary_and_report(studies):
-    assert studies.dry["ab"] == {"summary": 1, "report": 1, "all": 1}, studies.dry["ab"]
+    assert studies.dry["ab"] == {"summary": 1}, studies.dry["ab"]
     _assert_untouched(studies.snap["b"], studies.snap["ab"], "config AB after A and B")
     per_study = [pd.read_parquet(study_dir(studies.workdir, cfg) / "summary.parquet") for cfg in (studies.a, studies.b)]
     combined = studies.summary_ab
@@ -161,8 +165,9 @@ def test_a_config_listing_both_computes_only_the_combined_summary_and_report(stu
 def test_the_matrix_computes_only_the_new_studies(studies):
     # the tiny CLIP's studies: its pixel caches (own preprocessing) and features for the six splits, two references,
     # two runs per study; the manifest and every Lite0 result are reused
-    assert studies.dry["m"] == {"pixel_cache": 6, "features": 6, "reference": 2, "finetune": 4, "sweep": 4,
-                                "calibrate": 4, "study_summary": 2, "summary": 1, "report": 1, "all": 1}, studies.dry["m"]
+    new = {"weights": 1, "weights_checked": 1, "pixel_cache": 6, "features": 6, "reference": 2, "finetune": 4,
+           "sweep": 4, "calibrate": 4, "study_summary": 2, "summary": 1}
+    assert studies.dry["m"] == new, studies.dry["m"]
     _assert_untouched(studies.snap["ab"], studies.snap["m"], "the 2 x 2 matrix after AB")
 
 
@@ -171,7 +176,7 @@ def test_the_matrix_summary_holds_every_study(studies):
 
     summary, config = studies.summary_m, validate_config(studies.m)
     table = study_table(config)
-    assert len(table) == 4 and studies.report_m
+    assert len(table) == 4
     per_study = []
     for study in table:
         frame = pd.read_parquet(studies.workdir / "results" / study["dataset"] / study["backbone"] / "summary.parquet")
@@ -193,9 +198,20 @@ def test_the_matrix_summary_holds_every_study(studies):
 
 
 def test_removing_a_backbone_and_adding_it_back_recomputes_nothing(studies):
-    assert studies.dry["ab_again"] == {"summary": 1, "report": 1, "all": 1}, studies.dry["ab_again"]
-    assert studies.dry["m_again"] == {"summary": 1, "report": 1, "all": 1}, studies.dry["m_again"]
+    # weights_checked lists the config's checkpoints (a second; no cache depends on it) and the combined summary
+    assert studies.dry["ab_again"] == {"weights_checked": 1, "summary": 1}, studies.dry["ab_again"]
+    assert studies.dry["m_again"] == {"weights_checked": 1, "summary": 1}, studies.dry["m_again"]
     _assert_untouched(studies.snap["m"], studies.snap["m_again"], "the matrix after removing and re-adding a backbone")
+
+
+@pytest.mark.xfail(strict=True, reason="the report across studies is helper C's (branch analysis): remove this mark "
+                                      "when it is merged")
+def test_the_matrix_report_is_built(studies):
+    """The report over the 2 x 2 matrix: it only reads the summary and the runs' curves and logs."""
+    assert _dry_run(studies.workdir, studies.m, "results/report/index.html") == {"report": 1}
+    run_pipeline(studies.workdir, timeout=1800)
+    assert (studies.workdir / "results" / "report" / "index.html").is_file()
+    _assert_untouched(studies.snap["m_again"], _snapshot(studies.workdir), "the matrix after its report")
 
 
 # ---------------------------------------------------------------------------------------------- a large dry run
@@ -216,9 +232,9 @@ def test_dry_run_of_a_3_backbone_2_dataset_every_method_matrix(tmp_path):
                 "sketch": {"name": "pacs", "root": str(PACS_ROOT), "max_per_class": caps, **SKETCH}}
     config = {"datasets": datasets, "backbones": backbones, "methods": EVERY_METHOD, "seeds": [0, 1],
               "calibration": {"pcv_folds": 2}}
-    jobs = _dry_run(tmp_path, config)
+    jobs = _dry_run(tmp_path, config, "all")
     studies, runs = 3 * 2, 3 * 2 * 12 * 2  # 12 variants, 2 seeds
-    by_hand = {"manifest": 1, "pixel_cache": 3 * 6, "features": 3 * 6, "reference": studies, "finetune": runs,
+    by_hand = {"weights": 3, "weights_checked": 1, "manifest": 1, "pixel_cache": 3 * 6, "features": 3 * 6, "reference": studies, "finetune": runs,
                "finetune_pcv": studies * 2 * 2, "pcv_logits": studies * 2 * 2, "sweep": runs, "calibrate": runs,
                "study_summary": studies, "summary": 1, "all": 1}
     assert expected_jobs(config) == by_hand
