@@ -24,6 +24,7 @@ from robustft.config import (
     run_table,
     study_table,
     validate_config,
+    variant_protocol,
 )
 from robustft.code_closure import CodeClosure
 from robustft.network import set_jobs_offline
@@ -215,8 +216,7 @@ def eval_split_names(wildcards):
 
 
 def is_class_subset(method, variant):
-    protocol = {**config["protocol"], **config["methods"][method][variant].get("protocol", {})}
-    return protocol["kind"] == "class_subset"
+    return variant_protocol(resolved_variant(config, method, variant))["kind"] == "class_subset"
 
 
 def pcv_inputs(wildcards):
