@@ -23,7 +23,6 @@ include: "rules/report.smk"
 
 localrules:
     weights,
-    weights_checked,
     fetch_pacs,
     study_summary,
     summary,

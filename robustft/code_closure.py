@@ -71,11 +71,14 @@ class CodeClosure:
         writers are harmless)."""
         if self.cache is None or not self._stale:
             return
-        self.cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache.parent, prefix=f".{self.cache.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self._used, handle, sort_keys=True)
-        os.replace(tmp, self.cache)
+        try:
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.cache.parent, prefix=f".{self.cache.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self._used, handle, sort_keys=True)
+            os.replace(tmp, self.cache)
+        except OSError:  # a read-only working directory: the cache only saves time
+            return
         self._stale = False
 
     def _named_modules(self, path: Path) -> set[str]:

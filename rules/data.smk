@@ -18,7 +18,6 @@ rule fetch_pacs:
 rule manifest:
     input:
         unpack(manifest_inputs),
-        checked=ancient(rules.weights_checked.output.checked),
     output:
         manifest="results/data/{data}/manifest.parquet",
     params:

@@ -5,7 +5,6 @@
 rule pixel_cache:
     input:
         manifest=rules.manifest.output.manifest,
-        checked=ancient(rules.weights_checked.output.checked),
     output:
         pixels="results/pixels/{data}/{preprocess}/{domain}_{split}-{cap}.h5",
     params:

@@ -172,8 +172,7 @@ def expected_jobs(config: dict) -> dict[str, int]:
         for domain, split in splits:
             pixels.add((s["data"], s["preprocess"], domain, split, cap_key(caps[split])))
             features.add((s["backbone"], s["data"], domain, split, cap_key(caps[split])))
-    return {"weights": len({s["backbone"] for s in studies}), "weights_checked": 1,
-            "manifest": len({s["data"] for s in studies}), "pixel_cache": len(pixels), "features": len(features),
+    return {"weights": len({s["backbone"] for s in studies}), "manifest": len({s["data"] for s in studies}), "pixel_cache": len(pixels), "features": len(features),
             "reference": len(studies), "finetune": len(runs), "finetune_pcv": folds, "pcv_logits": folds,
             "sweep": len(runs), "calibrate": len(runs), "study_summary": len(studies), "summary": 1, "all": 1}
 

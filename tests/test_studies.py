@@ -165,7 +165,7 @@ def test_a_config_listing_both_computes_only_the_combined_summary_and_report(stu
 def test_the_matrix_computes_only_the_new_studies(studies):
     # the tiny CLIP's studies: its pixel caches (own preprocessing) and features for the six splits, two references,
     # two runs per study; the manifest and every Lite0 result are reused
-    new = {"weights": 1, "weights_checked": 1, "pixel_cache": 6, "features": 6, "reference": 2, "finetune": 4,
+    new = {"weights": 1, "pixel_cache": 6, "features": 6, "reference": 2, "finetune": 4,
            "sweep": 4, "calibrate": 4, "study_summary": 2, "summary": 1}
     assert studies.dry["m"] == new, studies.dry["m"]
     _assert_untouched(studies.snap["ab"], studies.snap["m"], "the 2 x 2 matrix after AB")
@@ -198,9 +198,8 @@ def test_the_matrix_summary_holds_every_study(studies):
 
 
 def test_removing_a_backbone_and_adding_it_back_recomputes_nothing(studies):
-    # weights_checked lists the config's checkpoints (a second; no cache depends on it) and the combined summary
-    assert studies.dry["ab_again"] == {"weights_checked": 1, "summary": 1}, studies.dry["ab_again"]
-    assert studies.dry["m_again"] == {"weights_checked": 1, "summary": 1}, studies.dry["m_again"]
+    assert studies.dry["ab_again"] == {"summary": 1}, studies.dry["ab_again"]
+    assert studies.dry["m_again"] == {"summary": 1}, studies.dry["m_again"]
     _assert_untouched(studies.snap["m"], studies.snap["m_again"], "the matrix after removing and re-adding a backbone")
 
 
@@ -234,8 +233,8 @@ def test_dry_run_of_a_3_backbone_2_dataset_every_method_matrix(tmp_path):
               "calibration": {"pcv_folds": 2}}
     jobs = _dry_run(tmp_path, config, "all")
     studies, runs = 3 * 2, 3 * 2 * 12 * 2  # 12 variants, 2 seeds
-    by_hand = {"weights": 3, "weights_checked": 1, "manifest": 1, "pixel_cache": 3 * 6, "features": 3 * 6, "reference": studies, "finetune": runs,
-               "finetune_pcv": studies * 2 * 2, "pcv_logits": studies * 2 * 2, "sweep": runs, "calibrate": runs,
+    by_hand = {"weights": 3, "manifest": 1, "pixel_cache": 3 * 6, "features": 3 * 6, "reference": studies,
+               "finetune": runs, "finetune_pcv": studies * 2 * 2, "pcv_logits": studies * 2 * 2, "sweep": runs, "calibrate": runs,
                "study_summary": studies, "summary": 1, "all": 1}
     assert expected_jobs(config) == by_hand
     assert {rule: jobs.get(rule, 0) for rule in by_hand} == by_hand, jobs

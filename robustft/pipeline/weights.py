@@ -28,8 +28,3 @@ def weights_stage(*, backbone: dict[str, Any], weights_dir: str | Path, out: str
     log.info("weights %s: %s (%d bytes, sha256 %s)", out, path, record["size_bytes"], record["sha256"])
     return record
 
-
-def checked_weights(*, records: list[str | Path], out: str | Path) -> None:
-    """List every backbone's checkpoint (path and SHA-256, each record checked) in ``out``."""
-    write_json_atomic(out, {str(path): {k: v for k, v in read_weights_record(path).items() if k != "backbone"}
-                            for path in records})
