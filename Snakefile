@@ -32,8 +32,8 @@ localrules:
 rule all:
     default_target: True
     input:
-        rules.summary.output.summary,
-        rules.report.output.index,
+        str(rules.summary.output.summary),  # plain paths (see rules/report.smk)
+        str(rules.report.output.index),
 
 
 report: "report/workflow.rst"

@@ -3,15 +3,14 @@
 
 rule calibrate:
     input:
-        unpack(pcv_inputs),
-        manifest=study_manifest,
+        unpack(calibrate_inputs),
         run=rules.finetune.output.run,
         logits=rules.sweep.output.logits,
     output:
         metrics="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/metrics.parquet",
         curve="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/calibration_curve.parquet",
     params:
-        id_domain=lambda wc: study(wc)["id_domain"],
+        id_domain=per_study(lambda s: s["id_domain"]),
         gamma_source=config["calibration"]["gamma_source"],
         bootstrap=config["eval"]["bootstrap"],
         ci_level=config["eval"]["ci_level"],
@@ -33,8 +32,8 @@ rule finetune_pcv:
     output:
         run="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/pcv/fold{fold}/run.json",
     params:
-        backbone=job_backbone,
-        templates=lambda wc: BACKBONES[wc.backbone]["templates"],
+        backbone=per_backbone(job_backbone),
+        templates=per_backbone(lambda key: BACKBONES[key]["templates"]),
         settings=variant_params,
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],
@@ -62,7 +61,7 @@ rule pcv_logits:
     output:
         logits="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/pcv/fold{fold}/val_logits.h5",
     params:
-        backbone=job_backbone,
+        backbone=per_backbone(job_backbone),
         alphas=config["sweep"]["alphas"],
         batch_size=config["eval"]["batch_size"],
         device=config["training"]["device"],

@@ -1,6 +1,7 @@
 # Config validation, the studies and their folders, and input functions. Parsing stays cheap: nothing here opens
 # data or imports torch.
 
+import functools
 import os
 import re
 import sys
@@ -56,7 +57,6 @@ config.update(_validated_config(config))
 STUDIES = study_table(config)
 RUNS = run_table(config)
 STUDY = {s["study"]: s for s in STUDIES}
-DATASETS = {s["dataset"]: s["dataset_spec"] for s in STUDIES}  # study dataset key -> dataset block
 BACKBONES = {s["backbone"]: s["backbone_spec"] for s in STUDIES}  # backbone key -> backbone block
 DATA = {s["data"]: s["dataset_spec"] for s in STUDIES}  # manifest key -> a dataset block with its settings
 PREPROCESS = {s["preprocess"]: pixel_spec(s["backbone_spec"]) for s in STUDIES}  # pixel cache key -> spec
@@ -69,11 +69,14 @@ def _alternatives(names):
     return "|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True))
 
 
+# Names built from hashes (dataset, backbone, data, preprocess) are one path segment each (input functions look them
+# up); the others are constrained to what the config allows. (Long alternations of every key cost dry-run time on
+# every file, measured with bench/bench_snakemake.py.)
 wildcard_constraints:
-    dataset=_alternatives(DATASETS),
-    backbone=_alternatives(BACKBONES),
-    data=_alternatives(DATA),
-    preprocess=_alternatives(PREPROCESS),
+    dataset=r"[^/]+",
+    backbone=r"[^/]+",
+    data=r"[^/]+",
+    preprocess=r"[^/]+",
     domain=_alternatives(d for s in STUDIES for d in [s["id_domain"], *s["ood_domains"]]),
     split="train|val|test",
     cap=r"all|max\d+",
@@ -107,10 +110,27 @@ def backbone_spec(key):
     return {k: v for k, v in BACKBONES[key].items() if k != "templates"}
 
 
-def job_backbone(wildcards):
+def per_backbone(value_of):
+    """A param that depends on the job's backbone: the value itself where every backbone gives the same one (a
+    callable param costs every job some dry-run time)."""
+    values = {key: value_of(key) for key in BACKBONES}
+    if len({canonical_json(v) for v in values.values()}) == 1:
+        return next(iter(values.values()))
+    return lambda wildcards: values[wildcards.backbone]
+
+
+def per_study(value_of):
+    """A param that depends on the job's study: the value itself where every study gives the same one."""
+    values = {key: value_of(s) for key, s in STUDY.items()}
+    if len({canonical_json(v) for v in values.values()}) == 1:
+        return next(iter(values.values()))
+    return lambda wildcards: values[f"{wildcards.dataset}/{wildcards.backbone}"]
+
+
+@functools.cache
+def job_backbone(key):
     """The backbone of a job that builds the model: its settings and the weights record it loads the file from."""
-    return backbone_spec(wildcards.backbone) | {"weights_record": rules.weights.output.record.format(
-        backbone=wildcards.backbone)}
+    return backbone_spec(key) | {"weights_record": rules.weights.output.record.format(backbone=key)}
 
 
 def weights_inputs(wildcards):
@@ -130,18 +150,6 @@ def dataset_root(dataset):
     if root.is_dir() or not dataset["fetch"] or dataset["name"] != "pacs":
         return str(root)
     return LOCAL_PACS
-
-
-def pixel_path(s, domain, split):
-    cap = cap_key(s["dataset_spec"]["max_per_class"][split])
-    return rules.pixel_cache.output.pixels.format(data=s["data"], preprocess=s["preprocess"], domain=domain,
-                                                  split=split, cap=cap)
-
-
-def feature_path(s, domain, split):
-    cap = cap_key(s["dataset_spec"]["max_per_class"][split])
-    return rules.features.output.features.format(backbone=s["backbone"], data=s["data"], domain=domain, split=split,
-                                                 cap=cap)
 
 
 def eval_splits(s):
@@ -176,56 +184,93 @@ def manifest_params(wildcards):
             "split": dataset["split"], "on_bad_image": dataset["on_bad_image"]}
 
 
+@functools.cache
+def _study_inputs(key):
+    """The cache files one study's jobs read, by job kind (computed once per study, not once per job)."""
+    s = STUDY[key]
+    caps = s["dataset_spec"]["max_per_class"]
+
+    def pixels(domain, split):
+        return rules.pixel_cache.output.pixels.format(data=s["data"], preprocess=s["preprocess"], domain=domain,
+                                                      split=split, cap=cap_key(caps[split]))
+
+    def features(domain, split):
+        return rules.features.output.features.format(backbone=s["backbone"], data=s["data"], domain=domain,
+                                                     split=split, cap=cap_key(caps[split]))
+
+    manifest = rules.manifest.output.manifest.format(data=s["data"])
+    sweep = {"manifest": manifest}
+    for domain, split in eval_splits(s):
+        sweep[f"pixels_{domain}_{split}"] = pixels(domain, split)
+        sweep[f"features_{domain}_{split}"] = features(domain, split)
+    if config["sweep"]["fisher"]:
+        sweep["fisher_pixels"] = pixels(s["id_domain"], "train")
+    ident = s["id_domain"]
+    return {
+        "manifest": manifest,
+        "training": {"manifest": manifest, "train_pixels": pixels(ident, "train"), "val_pixels": pixels(ident, "val"),
+                     "train_features": features(ident, "train"), "val_features": features(ident, "val")},
+        "reference": {"manifest": manifest, "train": features(ident, "train"), "val": features(ident, "val")},
+        "pcv_logits": {"manifest": manifest, "val_pixels": pixels(ident, "val"), "val_features": features(ident, "val")},
+        "sweep": sweep,
+    }
+
+
+def study_inputs(wildcards, kind):
+    """``kind`` (see :func:`_study_inputs`) of the study of a job with ``dataset`` and ``backbone`` wildcards."""
+    return _study_inputs(f"{wildcards.dataset}/{wildcards.backbone}")[kind]
+
+
 def study_manifest(wildcards):
-    return rules.manifest.output.manifest.format(data=study(wildcards)["data"])
+    return study_inputs(wildcards, "manifest")
 
 
 def training_inputs(wildcards):
-    """The caches a fine-tuning job reads: manifest, ID train/val pixels and features, the reference head."""
-    s = study(wildcards)
-    return {
-        "manifest": study_manifest(wildcards),
-        "train_pixels": pixel_path(s, s["id_domain"], "train"),
-        "val_pixels": pixel_path(s, s["id_domain"], "val"),
-        "train_features": feature_path(s, s["id_domain"], "train"),
-        "val_features": feature_path(s, s["id_domain"], "val"),
-    }
+    """The caches a fine-tuning job reads: manifest, ID train/val pixels and features."""
+    return dict(study_inputs(wildcards, "training"))
+
+
+def reference_inputs(wildcards):
+    """The reference head's inputs: the study's manifest and its ID train and val features."""
+    return dict(study_inputs(wildcards, "reference"))
+
+
+def pcv_logits_inputs(wildcards):
+    """A PCV fold model's evaluation inputs: the study's manifest and its ID val pixels and features."""
+    return dict(study_inputs(wildcards, "pcv_logits"))
+
+
+def sweep_inputs(wildcards):
+    """The manifest, every eval split's pixels and features, and the ID training pixels when the sweep runs the
+    Fisher merge."""
+    return dict(study_inputs(wildcards, "sweep"))
 
 
 def variant_params(wildcards):
     """The resolved settings of one variant (training defaults, overrides, protocol) as canonical JSON."""
     if wildcards.variant not in config["methods"].get(wildcards.method, {}):
         raise WorkflowError(f"methods.{wildcards.method}.{wildcards.variant}: no such variant in the config")
-    return canonical_json(resolved_variant(config, wildcards.method, wildcards.variant))
+    return _variant_json(wildcards.method, wildcards.variant)
 
 
-def sweep_inputs(wildcards):
-    """Every eval split's pixels and features, and the ID training pixels when the sweep runs the Fisher merge."""
-    s = study(wildcards)
-    inputs = {}
-    for domain, split in eval_splits(s):
-        inputs[f"pixels_{domain}_{split}"] = pixel_path(s, domain, split)
-        inputs[f"features_{domain}_{split}"] = feature_path(s, domain, split)
-    if config["sweep"]["fisher"]:
-        inputs["fisher_pixels"] = pixel_path(s, s["id_domain"], "train")
-    return inputs
+@functools.cache
+def _variant_json(method, variant):
+    return canonical_json(resolved_variant(config, method, variant))
 
 
-def eval_split_names(wildcards):
-    return [f"{domain}_{split}" for domain, split in eval_splits(study(wildcards))]
-
-
+@functools.cache
 def is_class_subset(method, variant):
     return variant_protocol(resolved_variant(config, method, variant))["kind"] == "class_subset"
 
 
-def pcv_inputs(wildcards):
-    """The PCV fold logits a class-subset run's calibration needs (none for other protocols)."""
-    if not is_class_subset(wildcards.method, wildcards.variant):
-        return {}
-    values = dict(wildcards.items())
-    return {"pcv": [rules.pcv_logits.output.logits.format(**values, fold=k)
-                    for k in range(config["calibration"]["pcv_folds"])]}
+def calibrate_inputs(wildcards):
+    """The manifest, and the PCV fold logits a class-subset run's calibration needs (none for other protocols)."""
+    inputs = {"manifest": study_manifest(wildcards)}
+    if is_class_subset(wildcards.method, wildcards.variant):
+        values = dict(wildcards.items())
+        inputs["pcv"] = [rules.pcv_logits.output.logits.format(**values, fold=k)
+                         for k in range(config["calibration"]["pcv_folds"])]
+    return inputs
 
 
 def study_description(s):
@@ -238,20 +283,6 @@ def features_pixels(wildcards):
     """The pixel cache a feature cache encodes: same manifest, domain, split and cap, the backbone's preprocessing."""
     return rules.pixel_cache.output.pixels.format(data=wildcards.data, preprocess=PREPROCESS_OF[wildcards.backbone],
                                                   domain=wildcards.domain, split=wildcards.split, cap=wildcards.cap)
-
-
-def reference_inputs(wildcards):
-    """The reference head's inputs: the study's manifest and its ID train and val features."""
-    s = study(wildcards)
-    return {"manifest": study_manifest(wildcards), "train": feature_path(s, s["id_domain"], "train"),
-            "val": feature_path(s, s["id_domain"], "val")}
-
-
-def pcv_logits_inputs(wildcards):
-    """A PCV fold model's evaluation inputs: the study's manifest and its ID val pixels and features."""
-    s = study(wildcards)
-    return {"manifest": study_manifest(wildcards), "val_pixels": pixel_path(s, s["id_domain"], "val"),
-            "val_features": feature_path(s, s["id_domain"], "val")}
 
 
 def study_summary_inputs(wildcards):

@@ -27,7 +27,7 @@ rule features:
     output:
         features="results/features/{backbone}/{data}/{domain}_{split}-{cap}.h5",
     params:
-        backbone=job_backbone,
+        backbone=per_backbone(job_backbone),
         batch_size=config["eval"]["batch_size"],
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],

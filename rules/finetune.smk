@@ -10,8 +10,8 @@ rule finetune:
         run="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/run.json",
         train_log="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/train_log.parquet",
     params:
-        backbone=job_backbone,
-        templates=lambda wc: BACKBONES[wc.backbone]["templates"],
+        backbone=per_backbone(job_backbone),
+        templates=per_backbone(lambda key: BACKBONES[key]["templates"]),
         settings=variant_params,
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],

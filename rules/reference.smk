@@ -9,9 +9,9 @@ rule reference:
         head="results/{dataset}/{backbone}/reference/head.safetensors",
         info="results/{dataset}/{backbone}/reference/reference.json",
     params:
-        backbone=job_backbone,
+        backbone=per_backbone(job_backbone),
         reference=config["reference"],
-        templates=lambda wc: BACKBONES[wc.backbone]["templates"],
+        templates=per_backbone(lambda key: BACKBONES[key]["templates"]),
         cpu_threads=config["compute"]["cpu_threads"],
         code=code_version("reference.py"),
     log:

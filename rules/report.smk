@@ -9,7 +9,9 @@ REPORT_DIR = "results/report"
 
 rule report:
     input:
-        summary=rules.summary.output.summary,
+        # a plain path, not the rule's output object: with one, Snakemake hashes this rule's whole input lists once
+        # per input file (quadratic in runs; bench/README.md)
+        summary=str(rules.summary.output.summary),
         manifests=sorted({rules.manifest.output.manifest.format(data=s["data"]) for s in STUDIES}),
         curves=[run_path(rules.calibrate.output.curve, r) for r in RUNS],
         train_logs=[run_path(rules.finetune.output.train_log, r) for r in RUNS],

@@ -4,15 +4,14 @@
 rule sweep:
     input:
         unpack(sweep_inputs),
-        manifest=study_manifest,
         run=rules.finetune.output.run,
         reference_head=rules.reference.output.head,
         weights=rules.weights.output.record,
     output:
         logits="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/sweep_logits.h5",
     params:
-        backbone=job_backbone,
-        splits=eval_split_names,
+        backbone=per_backbone(job_backbone),
+        splits=per_study(lambda s: [f"{d}_{p}" for d, p in eval_splits(s)]),
         alphas=config["sweep"]["alphas"],
         fisher_examples=config["sweep"]["fisher_examples"] if config["sweep"]["fisher"] else 0,
         batch_size=config["eval"]["batch_size"],

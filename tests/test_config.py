@@ -488,4 +488,4 @@ def test_both_fine_tuning_rules_pass_the_backbone_templates():
     text = "".join(path.read_text() for path in sorted((REPO / "rules").glob("*.smk")))
     for rule in ("finetune", "finetune_pcv"):
         block = re.search(rf"^rule {rule}:\n((?:[ \t]+.*\n|\n)*)", text, re.M)[1]
-        assert re.search(r'^\s+templates=lambda wc: BACKBONES\[wc\.backbone\]\["templates"\],$', block, re.M), rule
+        assert re.search(r'^\s+templates=per_backbone\(lambda key: BACKBONES\[key\]\["templates"\]\),$', block, re.M), rule
