@@ -10,6 +10,7 @@ configfile: "config.yaml"
 
 
 include: "rules/common.smk"
+include: "rules/weights.smk"
 include: "rules/data.smk"
 include: "rules/features.smk"
 include: "rules/reference.smk"
@@ -21,7 +22,9 @@ include: "rules/report.smk"
 
 
 localrules:
+    weights,
     fetch_pacs,
+    study_summary,
     summary,
     report,
 
@@ -29,8 +32,8 @@ localrules:
 rule all:
     default_target: True
     input:
-        "results/summary.parquet",
-        "results/report/index.html",
+        str(rules.summary.output.summary),  # plain paths (see rules/report.smk)
+        str(rules.report.output.index),
 
 
 report: "report/workflow.rst"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable
@@ -69,6 +70,14 @@ def _key_path(path: Iterable[Any]) -> str:
 
 
 def _subschema(schema: dict, path: Iterable[Any]) -> dict:
+    def resolve(node: dict) -> dict:  # local references only ("#/properties/dataset")
+        while isinstance(node, dict) and str(node.get("$ref", "")).startswith("#/"):
+            target = schema
+            for part in node["$ref"][2:].split("/"):
+                target = target[part]
+            node = target
+        return node
+
     node = schema
     for part in path:
         if isinstance(part, int):
@@ -77,6 +86,7 @@ def _subschema(schema: dict, path: Iterable[Any]) -> dict:
             node = node["properties"][part]
         else:
             node = node.get("additionalProperties", {}) if isinstance(node.get("additionalProperties"), dict) else {}
+        node = resolve(node)
     return node
 
 
@@ -153,7 +163,9 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(list(e.absolute_path)), str(list(e.absolute_path))))
     if errors:
         raise ConfigError(_format_error(errors[0], schema))
+    given = set(config)
     _fill_defaults(config, schema)
+    _normalise_matrix(config, given, schema)
     _check_cross_keys(config, schema)
     return config
 
@@ -179,26 +191,26 @@ def _check_overrides(key: str, method: str, overrides: dict, schema: dict) -> No
 
 
 def _check_cross_keys(config: dict, schema: dict) -> None:
-    dataset = config["dataset"]
-    if dataset["id_domain"] in dataset["ood_domains"]:
-        raise ConfigError(
-            f"dataset.ood_domains: {dataset['id_domain']!r} is the ID domain (dataset.id_domain) and cannot also be OOD"
-        )
-    split = dataset["split"]
-    if split["val_fraction"] + split["test_fraction"] >= 1:
-        raise ConfigError(
-            f"dataset.split: val_fraction + test_fraction is {split['val_fraction'] + split['test_fraction']:g} "
-            f"(allowed: < 1, the rest is the training split)"
-        )
+    for where, dataset in _dataset_blocks(config):
+        if dataset["id_domain"] in dataset["ood_domains"]:
+            raise ConfigError(
+                f"{where}.ood_domains: {dataset['id_domain']!r} is the ID domain ({where}.id_domain) and cannot also "
+                f"be OOD"
+            )
+        split = dataset["split"]
+        if split["val_fraction"] + split["test_fraction"] >= 1:
+            raise ConfigError(
+                f"{where}.split: val_fraction + test_fraction is {split['val_fraction'] + split['test_fraction']:g} "
+                f"(allowed: < 1, the rest is the training split)"
+            )
     for method, variants in config["methods"].items():
         for variant, overrides in variants.items():
             key = f"methods.{method}.{variant}"
-            if method == "flyp" and config["backbone"]["name"] != "open_clip":
-                raise ConfigError(f"{key}: flyp needs an open_clip backbone (backbone.name is {config['backbone']['name']!r})")
             _check_overrides(key, method, overrides, schema)
             protocol = {**config["protocol"], **overrides.get("protocol", {})}
             if protocol.get("kind") == "class_subset" and not protocol.get("absent_classes"):
                 raise ConfigError(f"{key}.protocol.absent_classes: class_subset needs at least one absent class")
+    study_table(config)  # every (dataset, backbone, method, variant) combination the studies ask for is possible
 
 
 def _protocol(protocol: dict) -> dict:
@@ -232,13 +244,244 @@ def variant_protocol(resolved: dict) -> dict:
 
 
 def run_table(config: dict) -> list[dict[str, Any]]:
-    """Every (method, variant, seed) job the config asks for, in a stable order."""
+    """Every (study, method, variant, seed) job the config asks for, in a stable order.
+
+    Each row: ``study`` (its folder, ``<dataset>/<backbone>``), ``dataset`` and ``backbone`` (the path keys),
+    ``method``, ``variant``, ``seed``.
+    """
     return [
-        {"method": method, "variant": variant, "seed": seed}
-        for method, variants in config["methods"].items()
+        {"study": study["study"], "dataset": study["dataset"], "backbone": study["backbone"],
+         "method": method, "variant": variant, "seed": seed}
+        for study in study_table(config)
+        for method, variants in study["methods"].items()
         for variant in variants
         for seed in config["seeds"]
     ]
+
+
+# ---------------------------------------------------------------------------------------------------- the studies
+# A study is one (dataset, backbone) pair and the method variants run on it. Its folder, results/<dataset>/<backbone>/,
+# is named from what its results depend on (never from a label the user may reuse), so that two configs never
+# write into each other's studies: <dataset> = <name>-<id domain>-<hash of root, domains, split, caps>, <backbone> =
+# <name>-<model>-<weights>-<size>px. Caches are named the same way at their own level (manifest: root, domains and
+# split; pixels: + preprocessing; features: + backbone), so that studies share every cache they can.
+
+#: Checkpoint file suffixes: a backbone reference with one of them (or a path separator) is a file, not a tag.
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _slug(text: Any) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(text))
+
+
+def short_hash(value: Any, length: int = 8) -> str:
+    """The first ``length`` hex digits of the SHA-256 of ``value``'s canonical JSON."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:length]
+
+
+def is_file_reference(ref: str) -> bool:
+    """Whether ``backbone.pretrained`` / ``backbone.weights`` names a file (an open_clip tag has no suffix or slash)."""
+    return "/" in ref or "\\" in ref or Path(ref).suffix in CHECKPOINT_SUFFIXES
+
+
+def data_key(dataset: dict) -> str:
+    """The manifest's folder: the dataset name and a hash of what the manifest depends on.
+
+    The manifest covers the set of domains (not which one is ID), so studies of the same data with different ID
+    domains share it, and its pixel and feature caches.
+    """
+    ident = {"name": dataset["name"], "root": dataset["root"], "domains": manifest_domains(dataset),
+             "split": dataset["split"], "on_bad_image": dataset["on_bad_image"]}
+    return _slug(f"{dataset['name']}-{short_hash(ident)}")
+
+
+def manifest_domains(dataset: dict) -> list[str]:
+    """The domains a dataset's manifest scans, sorted (the order of ``ood_domains`` does not change the manifest)."""
+    return sorted({dataset["id_domain"], *dataset["ood_domains"]})
+
+
+def dataset_key(dataset: dict) -> str:
+    """A study's dataset folder: name, ID domain and a hash of the manifest key and the per-split caps."""
+    ident = {"data": data_key(dataset), "max_per_class": dataset["max_per_class"]}
+    return _slug(f"{dataset['name']}-{dataset['id_domain']}-{short_hash(ident)}")
+
+
+def _weights_name(ref: str) -> str:
+    return f"{Path(ref).stem}-{short_hash(ref, 6)}" if is_file_reference(ref) else ref
+
+
+def backbone_key(spec: dict) -> str:
+    """A backbone's folder: name, model, weights (tag, or file stem + a hash of its path) and resolution.
+
+    ``templates`` is not part of it: the prompts are a setting of the reference head, not another encoder.
+    """
+    if spec["name"] == "open_clip":
+        model = spec.get("model") or ""
+        if spec.get("model_config"):
+            model = f"{Path(spec['model_config']).stem}-{short_hash(spec['model_config'], 6)}"
+        weights = _weights_name(spec["pretrained"]) if spec.get("pretrained") else "random"
+        return _slug(f"open_clip-{model}-{weights}-{spec.get('image_size') or 'native'}px")
+    weights = _weights_name(spec["weights"]) if spec.get("weights") else "imagenet"
+    return _slug(f"{spec['name']}-{weights}-{spec.get('image_size') or 224}px")
+
+
+def preprocess_key(spec: dict) -> str:
+    """The pixel cache's folder: what the decoded pixels depend on.
+
+    EfficientNet-Lite0: the resolution only (any weights file shares the cache). open_clip: the backbone key, since
+    a tag's resampling is only known by importing open_clip, which parsing the workflow never does.
+    """
+    if spec["name"] == "open_clip":
+        return backbone_key(spec)
+    return _slug(f"{spec['name']}-{spec.get('image_size') or 224}px")
+
+
+def pixel_spec(spec: dict) -> dict:
+    """The part of a backbone spec the pixel cache depends on (the same for every backbone sharing the cache)."""
+    if spec["name"] == "open_clip":
+        return {k: v for k, v in spec.items() if k != "templates"}
+    return {"name": spec["name"], "image_size": spec.get("image_size") or 224}
+
+
+def cap_key(cap: int | None) -> str:
+    """A per-class cap in a cache file name: ``all`` or ``max<N>``."""
+    return "all" if cap is None else f"max{int(cap)}"
+
+
+def cap_value(key: str) -> int | None:
+    """The inverse of :func:`cap_key`."""
+    return None if key == "all" else int(key[len("max"):])
+
+
+def _default_block(schema: dict, name: str) -> dict:
+    block: dict = {}
+    _fill_defaults(block, schema["properties"][name])
+    return block
+
+
+def _normalise_matrix(config: dict, given: set, schema: dict) -> None:
+    """Fill the defaults of each ``datasets`` / ``backbones`` entry; refuse a single block given beside them."""
+    for single, several in (("dataset", "datasets"), ("backbone", "backbones")):
+        if not config[several]:
+            continue
+        if single in given and config[single] != _default_block(schema, single):
+            raise ConfigError(
+                f"{single} and {several}: give one of them ({several} lists several, each with the keys of {single}; "
+                f"a --configfile is merged over config.yaml unless --replace-workflow-config is given)"
+            )
+        for block in config[several].values():
+            _fill_defaults(block, schema["properties"][single])
+
+
+def _dataset_blocks(config: dict) -> list[tuple[str, dict]]:
+    """(config key, block) of every dataset."""
+    if config["datasets"]:
+        return [(f"datasets.{label}", block) for label, block in config["datasets"].items()]
+    return [("dataset", config["dataset"])]
+
+
+def _labelled(config: dict, single: str, several: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """label -> block, and label -> the config key it came from."""
+    if config[several]:
+        blocks = dict(config[several])
+        return blocks, {label: f"{several}.{label}" for label in blocks}
+    label = str(config[single]["name"])
+    return {label: config[single]}, {label: single}
+
+
+def _as_list(value: str | list) -> list:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _study_methods(config: dict, where: str, selection: list[str] | None) -> dict[str, list[str]]:
+    """method -> variants of one study: every variant, or those ``selection`` names (``method`` or ``method/variant``)."""
+    methods = config["methods"]
+    if selection is None:
+        return {method: list(variants) for method, variants in methods.items()}
+    allowed = [*methods, *(f"{m}/{v}" for m, variants in methods.items() for v in variants)]
+    chosen: dict[str, list[str]] = {}
+    for item in selection:
+        method, _, variant = str(item).partition("/")
+        if item not in allowed:
+            close = difflib.get_close_matches(str(item), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: {item!r} is not a method or method/variant of methods{hint} "
+                              f"(allowed: {', '.join(allowed)})")
+        names = [variant] if variant else list(methods[method])
+        chosen.setdefault(method, [])
+        chosen[method] += [v for v in names if v not in chosen[method]]
+    return {m: [v for v in methods[m] if v in chosen[m]] for m in methods if m in chosen}
+
+
+def _check_study_methods(config: dict, methods: dict[str, list[str]], backbone: dict, where: str) -> None:
+    """Refuse method variants the study's backbone cannot run (FLYP and k-shot need an open_clip backbone)."""
+    if backbone["name"] == "open_clip":
+        return
+    what = f"{where}.name is {backbone['name']!r}"
+    hint = "" if where == "backbone" else "; restrict it to open_clip backbones with studies: [...] methods: [...]"
+    for method, variants in methods.items():
+        for variant in variants:
+            key = f"methods.{method}.{variant}"
+            if method == "flyp":
+                raise ConfigError(f"{key}: flyp needs an open_clip backbone ({what}){hint}")
+            if variant_protocol(resolved_variant(config, method, variant))["kind"] == "kshot":
+                raise ConfigError(
+                    f"{key}: the kshot protocol needs an open_clip backbone ({what}: its reference head is a linear "
+                    f"probe fitted on the whole ID training split, so the k-shot run's alpha = 0 point and starting "
+                    f"head would have seen every training image){hint}"
+                )
+
+
+def study_table(config: dict) -> list[dict[str, Any]]:
+    """Every study of a validated config: one (dataset, backbone) pair with its folders and method variants.
+
+    Without ``studies``, every dataset runs with every backbone and every method variant; each ``studies`` entry
+    names datasets and backbones by their labels (the keys of ``datasets`` / ``backbones``; a single ``dataset`` /
+    ``backbone`` block is labelled by its ``name``) and optionally the methods (``method`` or ``method/variant``).
+    """
+    datasets, dataset_where = _labelled(config, "dataset", "datasets")
+    backbones, backbone_where = _labelled(config, "backbone", "backbones")
+    for blocks, where_of, key_of, what in ((datasets, dataset_where, dataset_key, "data"),
+                                            (backbones, backbone_where, backbone_key, "model and weights")):
+        seen: dict[str, str] = {}
+        for label, block in blocks.items():
+            key = key_of(block)
+            if key in seen:
+                raise ConfigError(f"{where_of[seen[key]]} and {where_of[label]}: the same {what} (folder {key}); "
+                                  f"keep one (templates are a setting, not another backbone)")
+            seen[key] = label
+    if config["studies"]:
+        pairs = []
+        for i, entry in enumerate(config["studies"]):
+            for field, blocks in (("dataset", datasets), ("backbone", backbones)):
+                for label in _as_list(entry[field]):
+                    if label not in blocks:
+                        close = difflib.get_close_matches(str(label), list(blocks), n=1)
+                        hint = f"; did you mean {close[0]!r}?" if close else ""
+                        raise ConfigError(f"studies.{i}.{field}: unknown label {label!r}{hint} "
+                                          f"(allowed: {', '.join(blocks)})")
+            pairs += [(d, b, entry.get("methods"), f"studies.{i}.methods")
+                      for d in _as_list(entry["dataset"]) for b in _as_list(entry["backbone"])]
+    else:
+        pairs = [(d, b, None, "") for d in datasets for b in backbones]
+    table, seen_pairs = [], {}
+    for i, (d, b, selection, where) in enumerate(pairs):
+        if (d, b) in seen_pairs:
+            raise ConfigError(f"studies: the pair (dataset {d!r}, backbone {b!r}) is listed twice")
+        seen_pairs[(d, b)] = i
+        methods = _study_methods(config, where, selection)
+        if not methods:
+            raise ConfigError(f"{where}: must not be empty")
+        dataset, backbone = datasets[d], backbones[b]
+        _check_study_methods(config, methods, backbone, backbone_where[b])
+        dkey, bkey = dataset_key(dataset), backbone_key(backbone)
+        table.append({
+            "study": f"{dkey}/{bkey}", "dataset": dkey, "backbone": bkey, "data": data_key(dataset),
+            "preprocess": preprocess_key(backbone), "dataset_label": d, "backbone_label": b,
+            "dataset_spec": dataset, "backbone_spec": backbone,
+            "id_domain": dataset["id_domain"], "ood_domains": list(dataset["ood_domains"]), "methods": methods,
+        })
+    return table
 
 
 def canonical_json(value: Any) -> str:

@@ -3,22 +3,21 @@
 
 rule calibrate:
     input:
-        unpack(pcv_inputs),
-        manifest=MANIFEST,
-        run=f"{RUN_DIR}/run.json",
-        logits=f"{RUN_DIR}/sweep_logits.h5",
+        unpack(calibrate_inputs),
+        run=rules.finetune.output.run,
+        logits=rules.sweep.output.logits,
     output:
-        metrics=f"{RUN_DIR}/metrics.parquet",
-        curve=f"{RUN_DIR}/calibration_curve.parquet",
+        metrics="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/metrics.parquet",
+        curve="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/calibration_curve.parquet",
     params:
-        id_domain=ID_DOMAIN,
+        id_domain=per_study(lambda s: s["id_domain"]),
         gamma_source=config["calibration"]["gamma_source"],
         bootstrap=config["eval"]["bootstrap"],
         ci_level=config["eval"]["ci_level"],
         cpu_threads=config["compute"]["cpu_threads"],
-        code=code_version("robustft/calibration.py", "robustft/metrics.py", "robustft/pipeline/analysis.py"),
+        code=code_version("calibrate.py"),
     log:
-        f"results/logs/calibrate/{{method}}/{{variant}}/seed{{seed}}.log",
+        "results/logs/calibrate/{dataset}/{backbone}/{method}/{variant}/seed{seed}.log",
     conda:
         "../envs/robustft.yaml"
     script:
@@ -27,28 +26,25 @@ rule calibrate:
 
 rule finetune_pcv:
     input:
-        manifest=MANIFEST,
-        train_pixels=pixel_path(ID_DOMAIN, "train"),
-        val_pixels=pixel_path(ID_DOMAIN, "val"),
-        train_features=feature_path(ID_DOMAIN, "train"),
-        val_features=feature_path(ID_DOMAIN, "val"),
-        reference_head=REFERENCE_HEAD,
+        unpack(training_inputs),
+        reference_head=rules.reference.output.head,
+        weights=rules.weights.output.record,
     output:
-        run=f"{RUN_DIR}/pcv/fold{{fold}}/run.json",
+        run="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/pcv/fold{fold}/run.json",
     params:
-        backbone=BACKBONE_SPEC,
-        templates=config["backbone"]["templates"],
+        backbone=per_backbone(job_backbone),
+        templates=per_backbone(lambda key: BACKBONES[key]["templates"]),
         settings=variant_params,
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],
         folds=config["calibration"]["pcv_folds"],
         fraction=config["calibration"]["pcv_fraction"],
-        code=code_version("robustft/training", "robustft/methods", "robustft/models.py", "robustft/fisher.py"),
+        code=code_version("finetune_pcv.py"),
     threads: 2
     resources:
         gpu=1,
     log:
-        f"results/logs/finetune_pcv/{{method}}/{{variant}}/seed{{seed}}/fold{{fold}}.log",
+        "results/logs/finetune_pcv/{dataset}/{backbone}/{method}/{variant}/seed{seed}/fold{fold}.log",
     conda:
         "../envs/robustft.yaml"
     script:
@@ -57,26 +53,25 @@ rule finetune_pcv:
 
 rule pcv_logits:
     input:
-        manifest=MANIFEST,
-        run=f"{RUN_DIR}/pcv/fold{{fold}}/run.json",
-        parent=f"{RUN_DIR}/run.json",
-        reference_head=REFERENCE_HEAD,
-        val_pixels=pixel_path(ID_DOMAIN, "val"),
-        val_features=feature_path(ID_DOMAIN, "val"),
+        unpack(pcv_logits_inputs),
+        run=rules.finetune_pcv.output.run,
+        parent=rules.finetune.output.run,
+        reference_head=rules.reference.output.head,
+        weights=rules.weights.output.record,
     output:
-        logits=f"{RUN_DIR}/pcv/fold{{fold}}/val_logits.h5",
+        logits="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/pcv/fold{fold}/val_logits.h5",
     params:
-        backbone=BACKBONE_SPEC,
+        backbone=per_backbone(job_backbone),
         alphas=config["sweep"]["alphas"],
         batch_size=config["eval"]["batch_size"],
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],
-        code=code_version("robustft/evaluation.py", "robustft/interpolation.py", "robustft/pipeline/analysis.py"),
+        code=code_version("pcv_logits.py"),
     threads: 2
     resources:
         gpu=1,
     log:
-        f"results/logs/pcv_logits/{{method}}/{{variant}}/seed{{seed}}/fold{{fold}}.log",
+        "results/logs/pcv_logits/{dataset}/{backbone}/{method}/{variant}/seed{seed}/fold{fold}.log",
     conda:
         "../envs/robustft.yaml"
     script:

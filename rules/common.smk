@@ -1,7 +1,9 @@
-# Config validation, names and paths, and input functions. Parsing stays cheap: nothing here opens data.
+# Config validation, the studies and their folders, and input functions. Parsing stays cheap: nothing here opens
+# data or imports torch.
 
-import hashlib
+import functools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -10,8 +12,29 @@ from pathlib import Path
 sys.path.insert(0, workflow.basedir)
 os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])))
 
-from robustft.config import ConfigError, canonical_json, load_yaml_strict, resolved_variant, run_table, validate_config
+from robustft.config import (
+    ConfigError,
+    cap_key,
+    cap_value,
+    canonical_json,
+    is_file_reference,
+    load_yaml_strict,
+    manifest_domains,
+    pixel_spec,
+    resolved_variant,
+    run_table,
+    study_table,
+    validate_config,
+    variant_protocol,
+)
+from robustft.code_closure import CodeClosure
+from robustft.network import set_jobs_offline
 from snakemake.utils import validate
+
+# Jobs never touch the network (GPU nodes usually have none): the model hub's offline switches are set here, so
+# every job inherits them, locally or on a cluster node (where the job parses this file again). Rule weights, on the
+# submit node, gets the user's own settings back.
+set_jobs_offline()
 
 
 def _validated_config(raw):
@@ -29,131 +52,255 @@ def _validated_config(raw):
 
 config.update(_validated_config(config))
 
-DATASET = config["dataset"]["name"]
-ID_DOMAIN = config["dataset"]["id_domain"]
-OOD_DOMAINS = config["dataset"]["ood_domains"]
-DOMAINS = [ID_DOMAIN, *OOD_DOMAINS]
+# One study per (dataset, backbone) pair; its folder results/<dataset>/<backbone>/ holds its reference head, runs
+# and summary. The path keys are named from what the results depend on (robustft.config.study_table).
+STUDIES = study_table(config)
 RUNS = run_table(config)
+STUDY = {s["study"]: s for s in STUDIES}
+BACKBONES = {s["backbone"]: s["backbone_spec"] for s in STUDIES}  # backbone key -> backbone block
+DATA = {s["data"]: s["dataset_spec"] for s in STUDIES}  # manifest key -> a dataset block with its settings
+PREPROCESS = {s["preprocess"]: pixel_spec(s["backbone_spec"]) for s in STUDIES}  # pixel cache key -> spec
+PREPROCESS_OF = {s["backbone"]: s["preprocess"] for s in STUDIES}  # backbone key -> its pixel cache key
+LOCAL_PACS = "results/data/PACS"  # where rule fetch_pacs puts PACS when a configured root is absent
 
 
-def _slug(text):
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in str(text))
+def _alternatives(names):
+    """A regex matching exactly one of ``names`` (longest first)."""
+    return "|".join(re.escape(n) for n in sorted(set(names), key=len, reverse=True))
 
 
-def backbone_tag(spec):
-    """A readable folder name for the backbone (with its resolution)."""
-    size = spec.get("image_size") or "native"
-    if spec["name"] == "open_clip":
-        weights = Path(spec["pretrained"]).stem if spec.get("pretrained") else "random"
-        return _slug(f"open_clip-{spec['model']}-{weights}-{size}px")
-    weights = Path(spec["weights"]).stem if spec.get("weights") else "imagenet"
-    return _slug(f"{spec['name']}-{weights}-{size}px")
-
-
-def preprocess_tag(spec):
-    """The pixel cache's folder name: resolution and resampling (normalisation is applied on the fly)."""
-    if spec["name"] == "open_clip":
-        return _slug(f"{spec['model']}-{spec.get('image_size') or 'native'}px_bicubic")
-    return f"{spec.get('image_size') or 224}px_bilinear"
-
-
-BACKBONE = backbone_tag(config["backbone"])
-PREPROCESS = preprocess_tag(config["backbone"])
-BACKBONE_SPEC = {k: v for k, v in config["backbone"].items() if k != "templates"}
-EVAL_SPLITS = [(ID_DOMAIN, "val"), (ID_DOMAIN, "test")] + [(d, "test") for d in OOD_DOMAINS]
-
-
+# Names built from hashes (dataset, backbone, data, preprocess) are one path segment each (input functions look them
+# up); the others are constrained to what the config allows. (Long alternations of every key cost dry-run time on
+# every file, measured with bench/bench_snakemake.py.)
 wildcard_constraints:
-    dataset=DATASET,
-    backbone=BACKBONE,
-    preprocess=PREPROCESS,
-    domain="|".join(DOMAINS),
+    dataset=r"[^/]+",
+    backbone=r"[^/]+",
+    data=r"[^/]+",
+    preprocess=r"[^/]+",
+    domain=_alternatives(d for s in STUDIES for d in [s["id_domain"], *s["ood_domains"]]),
     split="train|val|test",
-    method="|".join(config["methods"]),
+    cap=r"all|max\d+",
+    method=_alternatives(config["methods"]),
     seed=r"\d+",
     fold=r"\d+",
     variant=r"[A-Za-z0-9][A-Za-z0-9_-]*",
 
 
-def code_version(*parts):
-    """A hash of library sources, used as a param so that changing the code a rule runs reruns that rule."""
-    digest = hashlib.sha256()
-    for part in parts:
-        base = Path(workflow.basedir) / part
-        for file in sorted(base.rglob("*.py")) if base.is_dir() else [base]:
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:12]
+CODE = CodeClosure(workflow.basedir, cache=".snakemake/robustft/code_closure.json")
 
 
-def dataset_root():
+def code_version(script):
+    """A hash of a workflow script and every library file it imports (robustft.code_closure), a param of the rule
+    that runs it: a change in that code reruns the rule's jobs, a change elsewhere none."""
+    version = CODE.version(Path(workflow.basedir) / "workflow_scripts" / script)
+    CODE.save_cache()
+    return version
+
+
+# ------------------------------------------------------------------------------------------------ names and paths
+
+
+def study(wildcards):
+    """The study of a job with ``dataset`` and ``backbone`` wildcards."""
+    return STUDY[f"{wildcards.dataset}/{wildcards.backbone}"]
+
+
+def backbone_spec(key):
+    """A backbone's settings as the library takes them (``templates`` is a separate param)."""
+    return {k: v for k, v in BACKBONES[key].items() if k != "templates"}
+
+
+def per_backbone(value_of):
+    """A param that depends on the job's backbone: the value itself where every backbone gives the same one (a
+    callable param costs every job some dry-run time)."""
+    values = {key: value_of(key) for key in BACKBONES}
+    if len({canonical_json(v) for v in values.values()}) == 1:
+        return next(iter(values.values()))
+    return lambda wildcards: values[wildcards.backbone]
+
+
+def per_study(value_of):
+    """A param that depends on the job's study: the value itself where every study gives the same one."""
+    values = {key: value_of(s) for key, s in STUDY.items()}
+    if len({canonical_json(v) for v in values.values()}) == 1:
+        return next(iter(values.values()))
+    return lambda wildcards: values[f"{wildcards.dataset}/{wildcards.backbone}"]
+
+
+@functools.cache
+def job_backbone(key):
+    """The backbone of a job that builds the model: its settings and the weights record it loads the file from."""
+    return backbone_spec(key) | {"weights_record": rules.weights.output.record.format(backbone=key)}
+
+
+def weights_inputs(wildcards):
+    """The local files a backbone's weights come from (a changed file reruns rule weights and what follows)."""
+    spec = BACKBONES[wildcards.backbone]
+    files = {"model_config": spec.get("model_config")}
+    if spec["name"] == "open_clip" and spec.get("pretrained") and is_file_reference(spec["pretrained"]):
+        files["checkpoint"] = spec["pretrained"]
+    if spec["name"] != "open_clip" and spec.get("weights"):
+        files["checkpoint"] = spec["weights"]
+    return {k: v for k, v in files.items() if v}
+
+
+def dataset_root(dataset):
     """The configured dataset root, or the fetched copy where it is absent and fetching is allowed."""
-    root = Path(config["dataset"]["root"])
-    if root.is_dir() or not config["dataset"]["fetch"] or DATASET != "pacs":
+    root = Path(dataset["root"])
+    if root.is_dir() or not dataset["fetch"] or dataset["name"] != "pacs":
         return str(root)
-    return "results/data/PACS"
+    return LOCAL_PACS
+
+
+def eval_splits(s):
+    """(domain, split) of every evaluated split of a study: ID val and test, each OOD domain's test."""
+    return [(s["id_domain"], "val"), (s["id_domain"], "test")] + [(d, "test") for d in s["ood_domains"]]
+
+
+def run_path(template, run):
+    """``template`` (a run rule's output) for one row of the run table."""
+    return template.format(dataset=run["dataset"], backbone=run["backbone"], method=run["method"],
+                           variant=run["variant"], seed=run["seed"])
+
+
+def study_runs(s):
+    return [r for r in RUNS if r["study"] == s["study"]]
+
+
+# ----------------------------------------------------------------------------------------------- input functions
 
 
 def manifest_inputs(wildcards):
     """The fetched-PACS marker when the configured root is absent."""
-    return {"fetched": "results/data/PACS/.complete"} if dataset_root() == "results/data/PACS" else {}
+    if dataset_root(DATA[wildcards.data]) == LOCAL_PACS:
+        return {"fetched": rules.fetch_pacs.output.marker}
+    return {}
 
 
-def split_cap(split):
-    return config["dataset"]["max_per_class"][split]
+def manifest_params(wildcards):
+    """What the manifest depends on: dataset adapter, root, the domains it scans, split, bad-image policy."""
+    dataset = DATA[wildcards.data]
+    return {"dataset": dataset["name"], "root": dataset_root(dataset), "domains": manifest_domains(dataset),
+            "split": dataset["split"], "on_bad_image": dataset["on_bad_image"]}
 
 
-def pixel_path(domain, split):
-    return f"results/pixels/{DATASET}/{PREPROCESS}/{domain}_{split}.h5"
+@functools.cache
+def _study_inputs(key):
+    """The cache files one study's jobs read, by job kind (computed once per study, not once per job)."""
+    s = STUDY[key]
+    caps = s["dataset_spec"]["max_per_class"]
+
+    def pixels(domain, split):
+        return rules.pixel_cache.output.pixels.format(data=s["data"], preprocess=s["preprocess"], domain=domain,
+                                                      split=split, cap=cap_key(caps[split]))
+
+    def features(domain, split):
+        return rules.features.output.features.format(backbone=s["backbone"], data=s["data"], domain=domain,
+                                                     split=split, cap=cap_key(caps[split]))
+
+    manifest = rules.manifest.output.manifest.format(data=s["data"])
+    sweep = {"manifest": manifest}
+    for domain, split in eval_splits(s):
+        sweep[f"pixels_{domain}_{split}"] = pixels(domain, split)
+        sweep[f"features_{domain}_{split}"] = features(domain, split)
+    if config["sweep"]["fisher"]:
+        sweep["fisher_pixels"] = pixels(s["id_domain"], "train")
+    ident = s["id_domain"]
+    return {
+        "manifest": manifest,
+        "training": {"manifest": manifest, "train_pixels": pixels(ident, "train"), "val_pixels": pixels(ident, "val"),
+                     "train_features": features(ident, "train"), "val_features": features(ident, "val")},
+        "reference": {"manifest": manifest, "train": features(ident, "train"), "val": features(ident, "val")},
+        "pcv_logits": {"manifest": manifest, "val_pixels": pixels(ident, "val"), "val_features": features(ident, "val")},
+        "sweep": sweep,
+    }
 
 
-def feature_path(domain, split):
-    return f"results/features/{BACKBONE}/{DATASET}/{domain}_{split}.h5"
+def study_inputs(wildcards, kind):
+    """``kind`` (see :func:`_study_inputs`) of the study of a job with ``dataset`` and ``backbone`` wildcards."""
+    return _study_inputs(f"{wildcards.dataset}/{wildcards.backbone}")[kind]
 
 
-MANIFEST = f"results/data/{DATASET}/manifest.parquet"
-REFERENCE_HEAD = f"results/reference/{BACKBONE}/{DATASET}/head.safetensors"
+def study_manifest(wildcards):
+    return study_inputs(wildcards, "manifest")
 
 
-RUN_DIR = "results/runs/{method}/{variant}/seed{seed}"
+def training_inputs(wildcards):
+    """The caches a fine-tuning job reads: manifest, ID train/val pixels and features."""
+    return dict(study_inputs(wildcards, "training"))
 
 
-def run_dirs():
-    """Every run directory the config asks for."""
-    return [f"results/runs/{r['method']}/{r['variant']}/seed{r['seed']}" for r in RUNS]
+def reference_inputs(wildcards):
+    """The reference head's inputs: the study's manifest and its ID train and val features."""
+    return dict(study_inputs(wildcards, "reference"))
+
+
+def pcv_logits_inputs(wildcards):
+    """A PCV fold model's evaluation inputs: the study's manifest and its ID val pixels and features."""
+    return dict(study_inputs(wildcards, "pcv_logits"))
+
+
+def sweep_inputs(wildcards):
+    """The manifest, every eval split's pixels and features, and the ID training pixels when the sweep runs the
+    Fisher merge."""
+    return dict(study_inputs(wildcards, "sweep"))
 
 
 def variant_params(wildcards):
     """The resolved settings of one variant (training defaults, overrides, protocol) as canonical JSON."""
     if wildcards.variant not in config["methods"].get(wildcards.method, {}):
         raise WorkflowError(f"methods.{wildcards.method}.{wildcards.variant}: no such variant in the config")
-    return canonical_json(resolved_variant(config, wildcards.method, wildcards.variant))
+    return _variant_json(wildcards.method, wildcards.variant)
 
 
-def eval_split_names():
-    return [f"{domain}_{split}" for domain, split in EVAL_SPLITS]
+@functools.cache
+def _variant_json(method, variant):
+    return canonical_json(resolved_variant(config, method, variant))
 
 
-def eval_pixel_paths(wildcards=None):
-    return {f"{d}_{s}": pixel_path(d, s) for d, s in EVAL_SPLITS}
-
-
-def eval_feature_paths(wildcards=None):
-    return {f"{d}_{s}": feature_path(d, s) for d, s in EVAL_SPLITS}
-
-
-def sweep_fisher_inputs(wildcards):
-    """The ID training pixels, only when the sweep also runs the Fisher-weighted merge."""
-    return {"fisher_pixels": pixel_path(ID_DOMAIN, "train")} if config["sweep"]["fisher"] else {}
-
-
+@functools.cache
 def is_class_subset(method, variant):
-    protocol = {**config["protocol"], **config["methods"][method][variant].get("protocol", {})}
-    return protocol["kind"] == "class_subset"
+    return variant_protocol(resolved_variant(config, method, variant))["kind"] == "class_subset"
 
 
-def pcv_inputs(wildcards):
-    """The PCV fold logits a class-subset run's calibration needs (none for other protocols)."""
-    if not is_class_subset(wildcards.method, wildcards.variant):
-        return {}
-    folds = range(config["calibration"]["pcv_folds"])
-    return {"pcv": [f"results/runs/{wildcards.method}/{wildcards.variant}/seed{wildcards.seed}/pcv/fold{k}/val_logits.h5" for k in folds]}
+def calibrate_inputs(wildcards):
+    """The manifest, and the PCV fold logits a class-subset run's calibration needs (none for other protocols)."""
+    inputs = {"manifest": study_manifest(wildcards)}
+    if is_class_subset(wildcards.method, wildcards.variant):
+        values = dict(wildcards.items())
+        inputs["pcv"] = [rules.pcv_logits.output.logits.format(**values, fold=k)
+                         for k in range(config["calibration"]["pcv_folds"])]
+    return inputs
+
+
+def study_description(s):
+    """What the summary and the report say about a study (robustft.pipeline.analysis.summary_stage's ``studies``)."""
+    return {"study": s["study"], "dataset": s["dataset_spec"]["name"], "backbone": s["backbone"],
+            "id_domain": s["id_domain"], "ood_domains": s["ood_domains"]}
+
+
+def features_pixels(wildcards):
+    """The pixel cache a feature cache encodes: same manifest, domain, split and cap, the backbone's preprocessing."""
+    return rules.pixel_cache.output.pixels.format(data=wildcards.data, preprocess=PREPROCESS_OF[wildcards.backbone],
+                                                  domain=wildcards.domain, split=wildcards.split, cap=wildcards.cap)
+
+
+def study_summary_inputs(wildcards):
+    """Every run of one study: its metrics and run.json."""
+    runs = study_runs(study(wildcards))
+    return {"metrics": [run_path(rules.calibrate.output.metrics, r) for r in runs],
+            "runs": [run_path(rules.finetune.output.run, r) for r in runs]}
+
+
+def report_description():
+    """What the report says about the config: datasets, backbones and studies by label, methods, seeds, sweep."""
+    description = {k: v for k, v in config.items() if k in ("methods", "seeds", "sweep", "report")}
+    description["studies"] = [study_description(s) | {"dataset_label": s["dataset_label"],
+                                                       "backbone_label": s["backbone_label"]} for s in STUDIES]
+    description["datasets"] = {s["dataset_label"]: s["dataset_spec"] for s in STUDIES}
+    description["backbones"] = {s["backbone_label"]: backbone_spec(s["backbone"]) for s in STUDIES}
+    if len(description["datasets"]) == 1:
+        description["dataset"] = next(iter(description["datasets"].values()))
+    if len(description["backbones"]) == 1:
+        description["backbone"] = next(iter(description["backbones"].values()))
+    return description

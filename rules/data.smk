@@ -1,9 +1,10 @@
-# Dataset manifest (Parquet) and, where the configured PACS root is absent, fetching PACS.
+# Dataset manifests (Parquet, one per dataset root, domain set and split) and, where the configured PACS root is
+# absent, fetching PACS.
 
 
 rule fetch_pacs:
     output:
-        marker="results/data/PACS/.complete",
+        marker=f"{LOCAL_PACS}/.complete",
     params:
         dest=lambda wildcards, output: os.path.dirname(output.marker),
     log:
@@ -18,17 +19,17 @@ rule manifest:
     input:
         unpack(manifest_inputs),
     output:
-        manifest=MANIFEST,
+        manifest="results/data/{data}/manifest.parquet",
     params:
-        dataset=DATASET,
-        root=dataset_root(),
-        domains=DOMAINS,
-        split=config["dataset"]["split"],
-        on_bad_image=config["dataset"]["on_bad_image"],
-        code=code_version("robustft/data"),
-    threads: config["dataset"]["workers"]
+        dataset=lambda wc: manifest_params(wc)["dataset"],
+        root=lambda wc: manifest_params(wc)["root"],
+        domains=lambda wc: manifest_params(wc)["domains"],
+        split=lambda wc: manifest_params(wc)["split"],
+        on_bad_image=lambda wc: manifest_params(wc)["on_bad_image"],
+        code=code_version("build_manifest.py"),
+    threads: 8
     log:
-        f"results/logs/manifest/{DATASET}.log",
+        "results/logs/manifest/{data}.log",
     conda:
         "../envs/robustft.yaml"
     script:

@@ -1,18 +1,19 @@
-# Decoded pixel caches (uint8 HDF5, once per preprocessing) and pre-trained feature caches (HDF5).
+# Decoded pixel caches (uint8 HDF5, one per manifest, preprocessing, domain, split and cap) and pre-trained feature
+# caches (HDF5, one per backbone and pixel cache).
 
 
 rule pixel_cache:
     input:
-        manifest=MANIFEST,
+        manifest=rules.manifest.output.manifest,
     output:
-        pixels="results/pixels/{dataset}/{preprocess}/{domain}_{split}.h5",
+        pixels="results/pixels/{data}/{preprocess}/{domain}_{split}-{cap}.h5",
     params:
-        max_per_class=lambda wc: split_cap(wc.split),
-        backbone=BACKBONE_SPEC,
-        code=code_version("robustft/data", "robustft/io"),
-    threads: config["dataset"]["workers"]
+        max_per_class=lambda wc: cap_value(wc.cap),
+        backbone=lambda wc: PREPROCESS[wc.preprocess],
+        code=code_version("pixel_cache.py"),
+    threads: 8
     log:
-        "results/logs/pixel_cache/{dataset}/{preprocess}/{domain}_{split}.log",
+        "results/logs/pixel_cache/{data}/{preprocess}/{domain}_{split}-{cap}.log",
     conda:
         "../envs/robustft.yaml"
     script:
@@ -21,19 +22,20 @@ rule pixel_cache:
 
 rule features:
     input:
-        pixels=lambda wc: pixel_path(wc.domain, wc.split),
+        pixels=features_pixels,
+        weights=rules.weights.output.record,
     output:
-        features="results/features/{backbone}/{dataset}/{domain}_{split}.h5",
+        features="results/features/{backbone}/{data}/{domain}_{split}-{cap}.h5",
     params:
-        backbone=BACKBONE_SPEC,
+        backbone=per_backbone(job_backbone),
         batch_size=config["eval"]["batch_size"],
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],
-        code=code_version("robustft/backbones", "robustft/features.py"),
+        code=code_version("features.py"),
     resources:
         gpu=1,
     log:
-        "results/logs/features/{backbone}/{dataset}/{domain}_{split}.log",
+        "results/logs/features/{backbone}/{data}/{domain}_{split}-{cap}.log",
     conda:
         "../envs/robustft.yaml"
     script:

@@ -1,29 +1,26 @@
-# One fine-tuning job per (method, variant, seed); resumes from its last checkpoint when requeued.
+# One fine-tuning job per (study, method, variant, seed); resumes from its last checkpoint when requeued.
 
 
 rule finetune:
     input:
-        manifest=MANIFEST,
-        train_pixels=pixel_path(ID_DOMAIN, "train"),
-        val_pixels=pixel_path(ID_DOMAIN, "val"),
-        train_features=feature_path(ID_DOMAIN, "train"),
-        val_features=feature_path(ID_DOMAIN, "val"),
-        reference_head=REFERENCE_HEAD,
+        unpack(training_inputs),
+        reference_head=rules.reference.output.head,
+        weights=rules.weights.output.record,
     output:
-        run=f"{RUN_DIR}/run.json",
-        train_log=f"{RUN_DIR}/train_log.parquet",
+        run="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/run.json",
+        train_log="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/train_log.parquet",
     params:
-        backbone=BACKBONE_SPEC,
-        templates=config["backbone"]["templates"],
+        backbone=per_backbone(job_backbone),
+        templates=per_backbone(lambda key: BACKBONES[key]["templates"]),
         settings=variant_params,
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],
-        code=code_version("robustft/training", "robustft/methods", "robustft/models.py", "robustft/fisher.py"),
+        code=code_version("finetune.py"),
     threads: 2
     resources:
         gpu=1,
     log:
-        f"results/logs/finetune/{{method}}/{{variant}}/seed{{seed}}.log",
+        "results/logs/finetune/{dataset}/{backbone}/{method}/{variant}/seed{seed}.log",
     conda:
         "../envs/robustft.yaml"
     script:

@@ -1,22 +1,21 @@
-# The reference model's head: CLIP zero-shot head, or a linear probe for classifier backbones.
+# The reference model's head, one per study: CLIP zero-shot head, or a linear probe for classifier backbones.
 
 
 rule reference:
     input:
-        manifest=MANIFEST,
-        train=feature_path(ID_DOMAIN, "train"),
-        val=feature_path(ID_DOMAIN, "val"),
+        unpack(reference_inputs),
+        weights=rules.weights.output.record,
     output:
-        head=REFERENCE_HEAD,
-        info=f"results/reference/{BACKBONE}/{DATASET}/reference.json",
+        head="results/{dataset}/{backbone}/reference/head.safetensors",
+        info="results/{dataset}/{backbone}/reference/reference.json",
     params:
-        backbone=BACKBONE_SPEC,
+        backbone=per_backbone(job_backbone),
         reference=config["reference"],
-        templates=config["backbone"]["templates"],
+        templates=per_backbone(lambda key: BACKBONES[key]["templates"]),
         cpu_threads=config["compute"]["cpu_threads"],
-        code=code_version("robustft/heads.py", "robustft/backbones"),
+        code=code_version("reference.py"),
     log:
-        f"results/logs/reference/{BACKBONE}/{DATASET}.log",
+        "results/logs/reference/{dataset}/{backbone}.log",
     conda:
         "../envs/robustft.yaml"
     script:

@@ -1,5 +1,6 @@
-# The report: results/report/index.html (self-contained), each chart as PNG and Vega-Lite JSON, the leaderboard.
-# The PNGs and the page are registered for `snakemake --report report.html`; the rule prints the leaderboard.
+# The report over every study of the config: results/report/index.html (self-contained), each chart as PNG and
+# Vega-Lite JSON, the leaderboard. The PNGs and the page are registered for `snakemake --report report.html`; the
+# rule prints the leaderboard.
 
 from robustft.report import CHART_NAMES  # cheap: no plotting library at parse time
 
@@ -8,10 +9,12 @@ REPORT_DIR = "results/report"
 
 rule report:
     input:
-        summary="results/summary.parquet",
-        manifest=MANIFEST,
-        curves=[f"{d}/calibration_curve.parquet" for d in run_dirs()],
-        train_logs=[f"{d}/train_log.parquet" for d in run_dirs()],
+        # a plain path, not the rule's output object: with one, Snakemake hashes this rule's whole input lists once
+        # per input file (quadratic in runs; bench/README.md)
+        summary=str(rules.summary.output.summary),
+        manifests=sorted({rules.manifest.output.manifest.format(data=s["data"]) for s in STUDIES}),
+        curves=[run_path(rules.calibrate.output.curve, r) for r in RUNS],
+        train_logs=[run_path(rules.finetune.output.train_log, r) for r in RUNS],
     output:
         index=report(f"{REPORT_DIR}/index.html", category="1. Report page", caption="../report/index.rst"),
         id_vs_ood=report(f"{REPORT_DIR}/id_vs_ood.png", category="2. Figures", caption="../report/id_vs_ood.rst",
@@ -28,9 +31,9 @@ rule report:
         leaderboard_csv=report(f"{REPORT_DIR}/leaderboard.csv", category="3. Tables",
                                caption="../report/leaderboard.rst"),
     params:
-        description={k: v for k, v in config.items() if k in ("dataset", "methods", "seeds", "sweep", "report")}
-        | {"backbone": BACKBONE_SPEC},
-        code=code_version("robustft/report"),
+        description=report_description(),
+        run_studies=[r["study"] for r in RUNS],  # the study of each curve and train log, in their order
+        code=code_version("report.py"),
     log:
         "results/logs/report.log",
     conda:

@@ -1,23 +1,38 @@
-# All runs, domains, alphas and calibrations in one table: results/summary.parquet.
+# Summaries: one per study (results/<dataset>/<backbone>/summary.parquet: its runs x domains x alphas x
+# calibrations), and results/summary.parquet, the studies of this config side by side. A study's summary depends on
+# its own runs only, so running another config never rewrites it.
+
+
+rule study_summary:
+    input:
+        unpack(study_summary_inputs),
+    output:
+        summary="results/{dataset}/{backbone}/summary.parquet",
+    params:
+        # one entry per metrics file (robustft.pipeline.analysis.summary_stage's ``studies``)
+        studies=lambda wc, input: [study_description(study(wc))] * len(input.metrics),
+        bootstrap=config["eval"]["bootstrap"],
+        ci_level=config["eval"]["ci_level"],
+        code=code_version("summary.py"),
+    log:
+        "results/logs/study_summary/{dataset}/{backbone}.log",
+    conda:
+        "../envs/robustft.yaml"
+    script:
+        "../workflow_scripts/summary.py"
 
 
 rule summary:
     input:
-        metrics=[f"{d}/metrics.parquet" for d in run_dirs()],
-        runs=[f"{d}/run.json" for d in run_dirs()],
+        studies=[rules.study_summary.output.summary.format(dataset=s["dataset"], backbone=s["backbone"])
+                 for s in STUDIES],
     output:
         summary="results/summary.parquet",
     params:
-        backbone=BACKBONE,
-        dataset=DATASET,
-        id_domain=ID_DOMAIN,
-        ood_domains=OOD_DOMAINS,
-        bootstrap=config["eval"]["bootstrap"],
-        ci_level=config["eval"]["ci_level"],
-        code=code_version("robustft/pipeline/analysis.py"),
+        code=code_version("combine_summaries.py"),
     log:
         "results/logs/summary.log",
     conda:
         "../envs/robustft.yaml"
     script:
-        "../workflow_scripts/summary.py"
+        "../workflow_scripts/combine_summaries.py"

@@ -3,28 +3,26 @@
 
 rule sweep:
     input:
-        unpack(lambda wc: {f"pixels_{k}": v for k, v in eval_pixel_paths().items()}),
-        unpack(lambda wc: {f"features_{k}": v for k, v in eval_feature_paths().items()}),
-        unpack(sweep_fisher_inputs),
-        manifest=MANIFEST,
-        run=f"{RUN_DIR}/run.json",
-        reference_head=REFERENCE_HEAD,
+        unpack(sweep_inputs),
+        run=rules.finetune.output.run,
+        reference_head=rules.reference.output.head,
+        weights=rules.weights.output.record,
     output:
-        logits=f"{RUN_DIR}/sweep_logits.h5",
+        logits="results/{dataset}/{backbone}/runs/{method}/{variant}/seed{seed}/sweep_logits.h5",
     params:
-        backbone=BACKBONE_SPEC,
-        splits=eval_split_names(),
+        backbone=per_backbone(job_backbone),
+        splits=per_study(lambda s: [f"{d}_{p}" for d, p in eval_splits(s)]),
         alphas=config["sweep"]["alphas"],
         fisher_examples=config["sweep"]["fisher_examples"] if config["sweep"]["fisher"] else 0,
         batch_size=config["eval"]["batch_size"],
         device=config["training"]["device"],
         cpu_threads=config["compute"]["cpu_threads"],
-        code=code_version("robustft/evaluation.py", "robustft/interpolation.py", "robustft/pipeline/analysis.py"),
+        code=code_version("sweep.py"),
     threads: 2
     resources:
         gpu=1,
     log:
-        f"results/logs/sweep/{{method}}/{{variant}}/seed{{seed}}.log",
+        "results/logs/sweep/{dataset}/{backbone}/{method}/{variant}/seed{seed}.log",
     conda:
         "../envs/robustft.yaml"
     script:

@@ -152,18 +152,49 @@ def dry_run_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
 
 
 def expected_jobs(config: dict) -> dict[str, int]:
-    """Rule -> the number of jobs a dry run of ``config`` must list (``report`` aside)."""
-    from robustft.config import resolved_variant, run_table, validate_config, variant_protocol
+    """Rule -> the number of jobs a dry run of ``config`` must list (``report`` aside), counted from the studies.
+
+    Caches are shared between studies: one manifest per data key, one pixel cache per (manifest, preprocessing,
+    domain, split, cap), one feature cache per (backbone, manifest, domain, split, cap).
+    """
+    from robustft.config import cap_key, resolved_variant, run_table, study_table, validate_config, variant_protocol
 
     cfg = validate_config(config)
-    runs = run_table(cfg)
+    studies, runs = study_table(cfg), run_table(cfg)
     subset = sum(variant_protocol(resolved_variant(cfg, r["method"], r["variant"]))["kind"] == "class_subset"
                  for r in runs)
     folds = cfg["calibration"]["pcv_folds"] * subset
-    caches = 3 + len(cfg["dataset"]["ood_domains"])  # ID train/val/test + each OOD domain's test split
-    return {"manifest": 1, "pixel_cache": caches, "features": caches, "reference": 1, "finetune": len(runs),
-            "finetune_pcv": folds, "pcv_logits": folds, "sweep": len(runs), "calibrate": len(runs), "summary": 1,
-            "all": 1}
+    pixels, features = set(), set()
+    for s in studies:
+        caps = s["dataset_spec"]["max_per_class"]
+        splits = [(s["id_domain"], "train"), (s["id_domain"], "val"), (s["id_domain"], "test"),
+                  *[(d, "test") for d in s["ood_domains"]]]
+        for domain, split in splits:
+            pixels.add((s["data"], s["preprocess"], domain, split, cap_key(caps[split])))
+            features.add((s["backbone"], s["data"], domain, split, cap_key(caps[split])))
+    return {"weights": len({s["backbone"] for s in studies}), "manifest": len({s["data"] for s in studies}), "pixel_cache": len(pixels), "features": len(features),
+            "reference": len(studies), "finetune": len(runs), "finetune_pcv": folds, "pcv_logits": folds,
+            "sweep": len(runs), "calibrate": len(runs), "study_summary": len(studies), "summary": 1, "all": 1}
+
+
+def only_study(config: dict) -> dict:
+    """The study of a config that has exactly one (robustft.config.study_table)."""
+    from robustft.config import study_table, validate_config
+
+    (study,) = study_table(validate_config(config))
+    return study
+
+
+def study_dir(workdir: str | Path, config: dict, study: dict | None = None) -> Path:
+    """``<workdir>/results/<dataset>/<backbone>``: the folder of ``study`` (default: the config's only study)."""
+    study = study or only_study(config)
+    return Path(workdir) / "results" / study["dataset"] / study["backbone"]
+
+
+def run_dir(workdir: str | Path, config: dict, method: str, variant: str, seed: int = 0,
+            study: dict | None = None) -> Path:
+    """The folder of one run of ``study`` (default: the config's only study)."""
+    return study_dir(workdir, config, study) / "runs" / method / variant / f"seed{seed}"
 
 
 def read_summary(workdir: str | Path):

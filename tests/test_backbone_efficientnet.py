@@ -51,7 +51,7 @@ def test_packaged_weights_load_offline(offline):
     identity = backbone.identity()
     assert identity["backbone"] == "efficientnet_lite0"
     assert identity["preprocessing"] == "64px_bilinear"
-    assert len(identity["weights_sha256"]) == 16
+    assert len(identity["weights_sha256"]) == 64  # the whole SHA-256 (issue #20: caches and run.json record it)
     # the encoder carries the pre-trained trunk, not a fresh initialisation
     state = load_weights_file(backbone.weights_path)
     torch.testing.assert_close(encoder.net._conv_stem.weight, state["_conv_stem.weight"])

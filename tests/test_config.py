@@ -49,7 +49,7 @@ def test_embedded_config_validates_and_gets_defaults(embedded):
     assert config["methods"].keys() == embedded["methods"].keys()
     # ... and every missing key gets the schema's default, recursively.
     assert config["dataset"]["on_bad_image"] == "error"
-    assert config["dataset"]["workers"] == 2
+    assert "workers" not in config["dataset"]  # data stages use their job's threads (rule threads, set-threads)
     assert config["reference"]["l2_grid"] == schema["properties"]["reference"]["properties"]["l2_grid"]["default"]
     assert config["training"] == {**embedded["training"], "device": "auto"}  # hyperparameter defaults: not filled
     assert config["protocol"] == {"kind": "full", "k": 16, "absent_classes": []}
@@ -213,6 +213,22 @@ def test_flyp_needs_open_clip(embedded):
     assert message.startswith("methods.flyp.default: flyp needs an open_clip backbone")
 
 
+def test_kshot_with_a_classifier_backbone_is_refused_naming_the_variant(embedded):
+    """The reference head of a classifier backbone is a linear probe on the whole ID training split: a k-shot run
+    would start from (and interpolate toward) a head that has seen every training image (issue #14)."""
+    kshot = {"protocol": {"kind": "kshot", "k": 4}}
+    message = _error(_modified(embedded, lambda c: c["methods"]["full_ft"].update(k4=kshot)))
+    assert message.startswith("methods.full_ft.k4: the kshot protocol needs an open_clip backbone")
+    assert "'efficientnet_lite0'" in message and "linear probe" in message
+    # from the shared protocol too: the first variant is named
+    message = _error(_modified(embedded, lambda c: c.update(protocol={"kind": "kshot", "k": 4})))
+    assert message.startswith("methods.zeroshot.default: the kshot protocol needs an open_clip backbone")
+    # with an open_clip backbone the same variant is valid
+    clip = {"name": "open_clip", "model": "ViT-B-32", "pretrained": "openai"}
+    validate_config(_modified(embedded, lambda c: (c["methods"]["full_ft"].update(k4=kshot),
+                                                  c.update(backbone=clip))))
+
+
 def test_empty_method_and_seeds(embedded):
     assert _error(_modified(embedded, lambda c: c["methods"].update(full_ft={}))) == "methods.full_ft: must not be empty"
     assert _error(_modified(embedded, lambda c: c.update(seeds=[]))) == "seeds: must not be empty"
@@ -252,7 +268,7 @@ def test_strict_yaml_loads_the_same_as_safe_load():
 
 # --- Snakemake parse-time validation ---------------------------------------------------------------------------------
 
-WORKFLOW_PARTS = ("Snakefile", "rules", "workflow_scripts", "config", "config.yaml", "envs", "profiles")
+WORKFLOW_PARTS = ("Snakefile", "rules", "workflow_scripts", "robustft", "config", "config.yaml", "envs", "profiles")
 
 
 @pytest.fixture
@@ -320,3 +336,156 @@ def test_unknown_method_hyperparameter_suggests_the_closest():
         validate_config(config)
     message = str(info.value)
     assert "\n" not in message and "methods.kd.soft.kd_wieght" in message and "'kd_weight'" in message
+
+
+# --- studies: several datasets and backbones -------------------------------------------------------------------------
+
+from robustft.config import backbone_key, data_key, dataset_key, run_table, study_table  # noqa: E402
+
+PACS_PHOTO = {"name": "pacs", "id_domain": "photo", "ood_domains": ["sketch", "cartoon"]}
+PACS_SKETCH = {"name": "pacs", "id_domain": "sketch", "ood_domains": ["photo", "cartoon"]}
+LITE0 = {"name": "efficientnet_lite0", "image_size": 64}
+CLIP = {"name": "open_clip", "model": "ViT-B-32", "pretrained": "openai"}
+
+
+def _matrix(**extra) -> dict:
+    return {"datasets": {"photo": dict(PACS_PHOTO), "sketch": dict(PACS_SKETCH)},
+            "backbones": {"lite0": dict(LITE0), "b32": dict(CLIP)},
+            "methods": {"zeroshot": {"default": {}}, "full_ft": {"default": {}, "absent2": {
+                "protocol": {"kind": "class_subset", "absent_classes": ["dog", "horse"]}}}},
+            "seeds": [0, 1], **extra}
+
+
+def test_the_single_dataset_and_backbone_config_is_one_study(embedded):
+    config = validate_config(embedded)
+    (study,) = study_table(config)
+    assert study["dataset_label"] == "pacs" and study["backbone_label"] == "efficientnet_lite0"
+    assert study["study"] == f"{study['dataset']}/{study['backbone']}"
+    assert study["dataset"].startswith("pacs-photo-") and study["backbone"] == "efficientnet_lite0-imagenet-96px"
+    assert study["methods"] == {m: list(v) for m, v in embedded["methods"].items()}
+    assert len(run_table(config)) == sum(len(v) for v in embedded["methods"].values()) * len(config["seeds"])
+    assert config["datasets"] == {} and config["backbones"] == {} and config["studies"] == []
+
+
+def test_every_dataset_runs_with_every_backbone():
+    config = validate_config(_matrix())
+    studies = study_table(config)
+    assert [(s["dataset_label"], s["backbone_label"]) for s in studies] == [
+        ("photo", "lite0"), ("photo", "b32"), ("sketch", "lite0"), ("sketch", "b32")]
+    assert len({s["study"] for s in studies}) == 4
+    # the two PACS studies differ by their ID domain only: one manifest, two study folders
+    assert len({s["data"] for s in studies}) == 1 and len({s["dataset"] for s in studies}) == 2
+    assert {s["preprocess"] for s in studies} == {"efficientnet_lite0-64px", "open_clip-ViT-B-32-openai-nativepx"}
+    runs = run_table(config)
+    assert len(runs) == 4 * 3 * 2 and len({(r["study"], r["method"], r["variant"], r["seed"]) for r in runs}) == 24
+    # each block gets its schema defaults
+    assert config["datasets"]["photo"]["split"] == {"val_fraction": 0.15, "test_fraction": 0.25, "seed": 0}
+    assert config["backbones"]["b32"]["templates"] == "openai_imagenet"
+
+
+def test_folders_are_named_from_what_the_results_depend_on():
+    base = validate_config({"dataset": dict(PACS_PHOTO)})["dataset"]
+
+    def changed(**edit):
+        return {**base, **edit}
+
+    key, data = dataset_key(base), data_key(base)
+    # another ID domain over the same domains: the same manifest, another study folder
+    assert data_key(changed(id_domain="sketch", ood_domains=["photo", "cartoon"])) == data
+    assert dataset_key(changed(id_domain="sketch", ood_domains=["photo", "cartoon"])) != key
+    # the order of the OOD domains changes nothing
+    assert dataset_key(changed(ood_domains=["cartoon", "sketch"])) == key
+    # caps: another study folder, the same manifest; root, split, domains: another manifest
+    assert dataset_key(changed(max_per_class={"train": 4, "val": None, "test": None})) != key
+    assert data_key(changed(max_per_class={"train": 4, "val": None, "test": None})) == data
+    for edit in ({"root": "/elsewhere/PACS"}, {"split": {"val_fraction": 0.1, "test_fraction": 0.25, "seed": 0}},
+                 {"ood_domains": ["sketch"]}, {"on_bad_image": "skip"}):
+        assert data_key(changed(**edit)) != data and dataset_key(changed(**edit)) != key, edit
+    # labels are names in the config, not in paths
+    a = study_table(validate_config(_matrix()))
+    relabelled = _matrix(datasets={"x": dict(PACS_PHOTO), "y": dict(PACS_SKETCH)},
+                         backbones={"p": dict(LITE0), "q": dict(CLIP)})
+    assert [s["study"] for s in study_table(validate_config(relabelled))] == [s["study"] for s in a]
+
+
+def test_backbone_folders():
+    assert backbone_key(LITE0) == "efficientnet_lite0-imagenet-64px"
+    assert backbone_key({"name": "efficientnet_lite0", "image_size": None}) == \
+        backbone_key({"name": "efficientnet_lite0", "image_size": 224})
+    assert backbone_key({**CLIP, "templates": "simple"}) == backbone_key(CLIP)
+    a, b = (backbone_key({**CLIP, "pretrained": f"/{d}/model.safetensors"}) for d in ("x", "y"))
+    assert a != b and a.startswith("open_clip-ViT-B-32-model-") and a.endswith("-nativepx")
+    assert backbone_key({**CLIP, "image_size": 160}) == "open_clip-ViT-B-32-openai-160px"
+
+
+def test_studies_restrict_pairs_and_methods():
+    config = validate_config(_matrix(studies=[
+        {"dataset": ["photo", "sketch"], "backbone": "b32"},
+        {"dataset": "photo", "backbone": "lite0", "methods": ["zeroshot", "full_ft/absent2"]},
+    ]))
+    studies = study_table(config)
+    assert [(s["dataset_label"], s["backbone_label"]) for s in studies] == [
+        ("photo", "b32"), ("sketch", "b32"), ("photo", "lite0")]
+    assert studies[0]["methods"] == {"zeroshot": ["default"], "full_ft": ["default", "absent2"]}
+    assert studies[2]["methods"] == {"zeroshot": ["default"], "full_ft": ["absent2"]}
+    assert len(run_table(config)) == (3 + 3 + 2) * 2
+
+
+@pytest.mark.parametrize(("studies", "start", "contains"), [
+    ([{"dataset": "phot", "backbone": "b32"}], "studies.0.dataset: unknown label 'phot'", "did you mean 'photo'?"),
+    ([{"dataset": "photo", "backbone": "b23"}], "studies.0.backbone: unknown label 'b23'", "allowed: lite0, b32"),
+    ([{"dataset": "photo", "backbone": "b32", "methods": ["fullft"]}], "studies.0.methods: 'fullft' is not a method",
+     "did you mean 'full_ft'?"),
+    ([{"dataset": "photo", "backbone": "b32", "methods": ["full_ft/absent3"]}], "studies.0.methods: 'full_ft/absent3'",
+     "full_ft/absent2"),
+    ([{"dataset": "photo", "backbone": "b32"}, {"dataset": ["sketch", "photo"], "backbone": "b32"}],
+     "studies: the pair (dataset 'photo', backbone 'b32') is listed twice", ""),
+    ([{"dataset": "photo"}], "studies.0: 'backbone' is a required property", ""),
+])
+def test_bad_studies(studies, start, contains):
+    message = _error(_matrix(studies=studies))
+    assert message.startswith(start) and contains in message, message
+
+
+def test_matrix_errors_name_the_entry():
+    assert _error(_matrix(datasets={"photo": {**PACS_PHOTO, "ood_domains": ["photo"]}})).startswith(
+        "datasets.photo.ood_domains: 'photo' is the ID domain (datasets.photo.id_domain)")
+    message = _error(_matrix(backbones={"lite0": {**LITE0, "imagesize": 64}}))
+    assert message.startswith("backbones.lite0.imagesize: unknown key; did you mean 'image_size'?"), message
+    message = _error(_matrix(backbones={"a": dict(CLIP), "b": {**CLIP, "templates": "simple"}}))
+    assert message.startswith("backbones.a and backbones.b: the same model and weights"), message
+    message = _error(_matrix(datasets={"a": dict(PACS_PHOTO), "b": {**PACS_PHOTO, "ood_domains": ["cartoon", "sketch"]}}))
+    assert message.startswith("datasets.a and datasets.b: the same data"), message
+
+
+def test_a_single_block_beside_several_is_refused():
+    message = _error({**_matrix(), "dataset": {"name": "pacs", "id_domain": "sketch"}})
+    assert message.startswith("dataset and datasets: give one of them") and "--replace-workflow-config" in message
+    message = _error({**_matrix(), "backbone": dict(LITE0)})
+    assert message.startswith("backbone and backbones: give one of them")
+    # one dataset with several backbones
+    studies = study_table(validate_config({"dataset": dict(PACS_PHOTO), "backbones": {"a": LITE0, "b": CLIP}}))
+    assert [(s["dataset_label"], s["backbone_label"]) for s in studies] == [("pacs", "a"), ("pacs", "b")]
+
+
+def test_flyp_and_kshot_in_a_mixed_matrix_need_a_restriction():
+    flyp = _matrix(methods={"zeroshot": {"default": {}}, "flyp": {"default": {}}})
+    message = _error(flyp)
+    assert message.startswith("methods.flyp.default: flyp needs an open_clip backbone (backbones.lite0.name is")
+    assert "studies:" in message
+    kshot = _matrix(methods={"full_ft": {"k4": {"protocol": {"kind": "kshot", "k": 4}}}})
+    assert _error(kshot).startswith("methods.full_ft.k4: the kshot protocol needs an open_clip backbone "
+                                    "(backbones.lite0.name is 'efficientnet_lite0'")
+    restricted = [{"dataset": ["photo", "sketch"], "backbone": "b32"},
+                  {"dataset": "photo", "backbone": "lite0", "methods": ["zeroshot"]}]
+    assert len(study_table(validate_config({**flyp, "studies": restricted}))) == 3
+
+
+def test_both_fine_tuning_rules_pass_the_backbone_templates():
+    """FLYP builds its prompts from backbone.templates (issue #14): the PCV fold runs must get them too."""
+    import re
+
+    text = "".join(path.read_text() for path in sorted((REPO / "rules").glob("*.smk")))
+    for rule in ("finetune", "finetune_pcv"):
+        block = re.search(rf"^rule {rule}:\n((?:[ \t]+.*\n|\n)*)", text, re.M)[1]
+        assert re.search(r'^\s+templates=per_backbone\(lambda key: BACKBONES\[key\]\["templates"\]\),$', block, re.M), rule

@@ -219,7 +219,8 @@ def test_resolved_variant_places_the_protocol_where_it_was_written():
     plain = resolved_variant(config, "full_ft", "plain")
     assert plain == {"training": {}, "overrides": {}} and variant_protocol(plain) == {"kind": "full"}
     assert hyperparameter_sources(FullFineTuning, **plain)["protocol"] == "shared default"
-    kshot = validate_config({**base, "protocol": {"kind": "kshot", "k": 16}})
+    clip = {"name": "open_clip", "model": "ViT-B-32", "pretrained": "openai"}  # k-shot needs a CLIP backbone
+    kshot = validate_config({**base, "protocol": {"kind": "kshot", "k": 16}, "backbone": clip})
     plain = resolved_variant(kshot, "full_ft", "plain")
     assert plain["training"] == {"protocol": {"kind": "kshot", "k": 16}} and "protocol" not in plain["overrides"]
     assert hyperparameter_sources(FullFineTuning, **plain)["protocol"] == "training"

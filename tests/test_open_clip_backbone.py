@@ -257,7 +257,7 @@ def test_build_backbone_through_registry(tiny_open_clip):
         "backbone": "open_clip",
         "model": "robustft-tiny-clip",
         "pretrained": Path(tiny_open_clip["checkpoint"]).name,
-        "weights_sha256": file_sha256(tiny_open_clip["checkpoint"])[:16],
+        "weights_sha256": file_sha256(tiny_open_clip["checkpoint"]),
         "preprocessing": "32px_bicubic",
         "templates": "simple",
         "model_config_sha256": file_sha256(tiny_open_clip["model_config"])[:16],

@@ -41,11 +41,14 @@ from pipeline_utils import (
     comparable,
     dry_run_jobs,
     expected_jobs,
+    only_study,
     output_tail,
     read_summary,
+    run_dir,
     run_and_kill,
     run_pipeline,
     run_snakemake,
+    study_dir,
     summaries_equal_message,
     tiny_config,
     workflow_profile,
@@ -64,7 +67,7 @@ ID_DOMAIN, OOD_DOMAINS = "photo", ["art_painting", "sketch"]
 N_CLASSES = 7
 KILL_SEED = int(os.environ.get("ROBUSTFT_KILL_SEED", random.SystemRandom().randrange(10**6)))
 #: Rules that follow the summary (the report) and the target rule: allowed in every "what reruns" answer.
-AFTER_SUMMARY = {"summary", "report", "all"}
+AFTER_SUMMARY = {"study_summary", "summary", "report", "all"}
 #: The restricted runs stop at the summary (the session's run builds the report as well).
 SUMMARY = "results/summary.parquet"
 
@@ -80,7 +83,8 @@ def _backbone_spec(config: dict) -> dict:
 
 
 def _run_dir(workdir: Path, method: str, variant: str, seed: int = 0) -> Path:
-    return workdir / "results" / "runs" / method / variant / f"seed{seed}"
+    """A run of the tiny study (every config of this module has its dataset and backbone, hence its folder)."""
+    return run_dir(workdir, tiny_config(COMMON), method, variant, seed)
 
 
 def _timed_run(workdir: Path, config: dict, *targets: str) -> SimpleNamespace:
@@ -140,7 +144,7 @@ def test_dry_run_of_the_embedded_config_lists_every_job(tmp_path):
     full = run_snakemake(tmp_path, "-n", timeout=300)
     text = full.stdout + full.stderr
     for run in run_table(_resolved(config)):
-        folder = f"results/runs/{run['method']}/{run['variant']}/seed{run['seed']}"
+        folder = f"results/{run['study']}/runs/{run['method']}/{run['variant']}/seed{run['seed']}"
         for name in ("run.json", "sweep_logits.h5", "metrics.parquet", "calibration_curve.parquet"):
             assert f"{folder}/{name}" in text, f"{folder}/{name} missing from the dry run"
 
@@ -297,15 +301,15 @@ def _model_and_reference(workdir: Path, config: dict):
 
     backbone = build_backbone(_backbone_spec(config))
     model = build_classifier(backbone, N_CLASSES)
-    heads = list((workdir / "results" / "reference").rglob("head.safetensors"))
-    assert len(heads) == 1, heads
+    heads = list((workdir / "results").glob("*/*/reference/head.safetensors"))
+    assert heads == [study_dir(workdir, config) / "reference" / "head.safetensors"], heads
     return backbone, model, reference_state(model, heads[0])
 
 
 def _pixels(workdir: Path, split_name: str):
     from robustft.data.pixels import load_pixel_split
 
-    paths = list((workdir / "results" / "pixels").rglob(f"{split_name}.h5"))
+    paths = list((workdir / "results" / "pixels").rglob(f"{split_name}-*.h5"))
     assert len(paths) == 1, paths
     return load_pixel_split(paths[0])
 
@@ -598,41 +602,50 @@ def _linked_pacs(root: Path, domains: list[str]) -> Path:
     return root
 
 
-def _bad_input_case(case: str, tmp_path: Path) -> tuple[dict, str, list[str]]:
+def _manifest_of(config: dict) -> str:
+    return f"results/data/{only_study(config)['data']}/manifest.parquet"
+
+
+def _reference_of(config: dict) -> str:
+    return f"results/{only_study(config)['study']}/reference"
+
+
+def _bad_input_case(case: str, tmp_path: Path, tiny_clip: dict) -> tuple[dict, str, list[str]]:
     """(config, text the one-line message must contain, outputs that must not exist) for one kind of bad input."""
     domains = [ID_DOMAIN, OOD_DOMAINS[0]]
     dataset = {"ood_domains": [OOD_DOMAINS[0]]}
     config = tiny_config({"dataset": dataset})
-    manifest = "results/data/pacs/manifest.parquet"
     if case == "missing_root":
         config["dataset"].update(root=str(tmp_path / "nowhere" / "PACS"), fetch=False)  # fetch: tested apart
-        return config, str(tmp_path / "nowhere" / "PACS"), [manifest]
+        return config, str(tmp_path / "nowhere" / "PACS"), [_manifest_of(config)]
     root = _linked_pacs(tmp_path / "PACS", domains)
     config["dataset"]["root"] = str(root)
     if case == "empty_class_folder":
         for link in (root / OOD_DOMAINS[0] / "horse").iterdir():
             link.unlink()
-        return config, str(root / OOD_DOMAINS[0] / "horse"), [manifest]
+        return config, str(root / OOD_DOMAINS[0] / "horse"), [_manifest_of(config)]
     if case == "classes_differ":
         shutil.rmtree(root / OOD_DOMAINS[0] / "guitar")
-        return config, "guitar", [manifest]
+        return config, "guitar", [_manifest_of(config)]
     if case == "non_image_file":
         victim = sorted((root / ID_DOMAIN / "house").iterdir())[0]  # same count: replaced, not added
         victim.unlink()
         victim.write_text("not an image\n")
-        return config, str(victim), [manifest]
-    if case == "kshot_larger_than_a_class":
+        return config, str(victim), [_manifest_of(config)]
+    if case == "kshot_larger_than_a_class":  # k-shot needs an open_clip backbone (config validation)
+        config["backbone"] = {"name": "open_clip", "model": tiny_clip["model"],
+                              "model_config": tiny_clip["model_config"], "pretrained": tiny_clip["checkpoint"]}
         config["methods"] = {"full_ft": {"k50": {"protocol": {"kind": "kshot", "k": 50}}}}
-        return config, "fewer than k=50", ["results/runs/full_ft/k50/seed0/run.json"]
+        return config, "fewer than k=50", [f"results/{only_study(config)['study']}/runs/full_ft/k50/seed0/run.json"]
     if case == "weights_file_not_a_checkpoint":
         weights = tmp_path / "weights.bin"
         weights.write_bytes(b"\x80\x04 not a checkpoint")
         config["backbone"]["weights"] = str(weights)
-        return config, str(weights), ["results/reference"]
+        return config, str(weights), [_reference_of(config)]
     if case == "open_clip_tag_offline":
         config["backbone"] = {"name": "open_clip", "model": "RN50", "pretrained": "openai", "image_size": 64}
         config["methods"] = {"zeroshot": {"default": {}}}
-        return config, "RN50", ["results/reference"]
+        return config, "RN50", [_reference_of(config)]
     raise ValueError(case)
 
 
@@ -641,9 +654,10 @@ BAD_INPUTS = ["missing_root", "empty_class_folder", "classes_differ", "non_image
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
-def test_bad_input_stops_the_run_with_one_line_and_leaves_no_partial_output(case, tmp_path, monkeypatch):
+def test_bad_input_stops_the_run_with_one_line_and_leaves_no_partial_output(case, tmp_path, monkeypatch,
+                                                                           tiny_open_clip):
     """Each: a non-zero exit, one ``robustft: ...`` line naming the offending file, value or class, no partial file."""
-    config, named, absent = _bad_input_case(case, tmp_path)
+    config, named, absent = _bad_input_case(case, tmp_path, tiny_open_clip)
     workdir = tmp_path / "work"
     write_config(workdir, config)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # open_clip: no network here, and none wanted in a test

@@ -56,6 +56,7 @@ from pipeline_utils import (
     SNAKEMAKE,
     kill_tree,
     read_summary,
+    run_dir,
     snakemake_command,
     summaries_equal_message,
     tiny_config,
@@ -74,7 +75,7 @@ REQUIRE_SLURM = os.environ.get("ROBUSTFT_REQUIRE_SLURM", "") not in ("", "0")
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
 #: programs cluster.sh needs; it apt-get installs the missing ones
 SLURM_PROGRAMS = ("slurmctld", "slurmd", "sbatch", "munged", "slurmdbd", "mariadbd")
-LOCAL_RULES = {"summary", "report", "all"}
+LOCAL_RULES = {"weights", "study_summary", "summary", "report", "all"}
 GPU_RULES = {"features", "finetune", "finetune_pcv", "sweep", "pcv_logits"}
 RUN_TIMEOUT = float(os.environ.get("ROBUSTFT_SLURM_TIMEOUT", "1200"))
 
@@ -251,8 +252,8 @@ def runs(cluster, tmp_path_factory) -> SimpleNamespace:
     write_config(slurm_dir, config)
     env = cluster.env
     method, variant, seed = CANCELLED_RUN
-    run_dir = slurm_dir / "results" / "runs" / method / variant / f"seed{seed}"
-    resume_file = run_dir.with_name(run_dir.name + ".resume") / "resume.pt"
+    cancelled_dir = run_dir(slurm_dir, config, method, variant, seed)
+    resume_file = cancelled_dir.with_name(cancelled_dir.name + ".resume") / "resume.pt"
 
     # the local reference run, in the background (the Slurm run spends most of its time waiting for the cluster)
     local_log = local_dir / "snakemake.out"
@@ -299,7 +300,7 @@ def runs(cluster, tmp_path_factory) -> SimpleNamespace:
                     except subprocess.TimeoutExpired:
                         kill_tree(proc)
     return SimpleNamespace(
-        config=config, local_dir=local_dir, slurm_dir=slurm_dir, run_dir=run_dir,
+        config=config, local_dir=local_dir, slurm_dir=slurm_dir, run_dir=cancelled_dir,
         local_rc=local.returncode, local_output=local_log.read_text(),
         slurm_rc=slurm.returncode, slurm_output=slurm_log.read_text(),
         slurm_seconds=slurm_seconds, total_seconds=time.monotonic() - started, since=since, cancel=cancel,
@@ -395,9 +396,28 @@ def test_fake_gpu_jobs_see_cuda_visible_devices_and_train_on_cpu(runs):
     visible = {env.get("CUDA_VISIBLE_DEVICES") for env in runs.cancel.envs}
     assert visible - {None, ""}, f"CUDA_VISIBLE_DEVICES in the job's processes: {visible}"
     for method in ("zeroshot", "full_ft"):
-        record = json.loads((runs.slurm_dir / "results" / "runs" / method / "default" / "seed0" / "run.json")
-                            .read_text())
+        record = json.loads((run_dir(runs.slurm_dir, runs.config, method, "default") / "run.json").read_text())
         assert record["device"] == "cpu", record["device"]
+
+
+def test_jobs_read_the_checkpoint_the_weights_rule_recorded_with_the_hub_offline(runs, slurm_jobs):
+    import h5py
+
+    records = list((runs.slurm_dir / "results" / "weights").glob("*.json"))
+    assert len(records) == 1, records
+    record = json.loads(records[0].read_text())
+    assert Path(record["path"]).is_file() and record["sha256"]
+    for method in ("zeroshot", "full_ft"):
+        run = json.loads((run_dir(runs.slurm_dir, runs.config, method, "default") / "run.json").read_text())
+        assert run["backbone"]["weights_sha256"] == record["sha256"], method
+    features = sorted((runs.slurm_dir / "results" / "features").rglob("*.h5"))
+    assert features
+    for path in features:
+        with h5py.File(path, "r") as handle:
+            assert handle.attrs["weights_sha256"] == record["sha256"], path
+    # the Slurm job's processes (the cancelled fine-tuning) ran with the model hub switched offline
+    assert runs.cancel.envs and all(env.get("HF_HUB_OFFLINE") == "1" for env in runs.cancel.envs), \
+        [env.get("HF_HUB_OFFLINE") for env in runs.cancel.envs]
 
 
 def test_cancelled_fine_tuning_was_resubmitted_and_resumed_from_its_checkpoint(runs, slurm_jobs):
@@ -414,7 +434,7 @@ def test_cancelled_fine_tuning_was_resubmitted_and_resumed_from_its_checkpoint(r
     assert slurm_jobs.sacct[retry]["State"] == "COMPLETED"
     assert int(retry) > int(cancel.job)
     record = json.loads((runs.run_dir / "run.json").read_text())
-    local_record = json.loads((runs.local_dir / "results/runs/full_ft/default/seed0/run.json").read_text())
+    local_record = json.loads((run_dir(runs.local_dir, runs.config, "full_ft", "default") / "run.json").read_text())
     assert record["resumed_at_step"] and record["resumed_at_step"] > 0, record["resumed_at_step"]
     assert record["resumed_at_step"] < record["steps"] == local_record["steps"]
     assert local_record["resumed_at_step"] is None
@@ -448,13 +468,13 @@ def test_resumed_fine_tuning_equals_an_uninterrupted_one_on_the_same_inputs(runs
 
 
 def test_reference_head_and_fine_tuned_weights_equal_the_local_run(runs, slurm_jobs):
-    (head,) = [p.relative_to(runs.local_dir) for p in runs.local_dir.glob("results/reference/*/*/head.safetensors")]
+    (head,) = [p.relative_to(runs.local_dir) for p in runs.local_dir.glob("results/*/*/reference/head.safetensors")]
     # Equal although the jobs get different cores (set-threads under Slurm): torch runs compute.cpu_threads threads
     # in every job, and CPU results depend on the thread count.
     different = _tensors_differ(runs.slurm_dir / head, runs.local_dir / head)
     assert not different, f"the reference head differs from the local run's: {different[:5]}"
     for method in ("full_ft",):
-        weights = Path("results/runs") / method / "default" / "seed0" / "model.safetensors"
+        weights = run_dir(".", runs.config, method, "default") / "model.safetensors"
         different = _tensors_differ(runs.slurm_dir / weights, runs.local_dir / weights)
         assert not different, f"{method}: tensors differ from the local run's: {different[:5]}"
 

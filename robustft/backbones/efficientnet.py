@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from robustft.backbones.base import Backbone, Preprocessing, WeightsError, file_sha256, load_weights_file
+from robustft.backbones.weights import read_weights_record
 
 FEATURE_DIM = 1280
 
@@ -36,13 +37,30 @@ def packaged_weights_path() -> Path:
 
 
 class EfficientNetLite0(Backbone):
-    """Classifier backbone; its reference head is a linear probe on cached ID-train features."""
+    """Classifier backbone; its reference head is a linear probe on cached ID-train features.
+
+    ``weights``: a local checkpoint instead of the packaged one. ``weights_record``: the record of rule weights
+    (robustft.backbones.weights), whose file and SHA-256 are then used (jobs of the workflow).
+    """
 
     reference_head_kind = "linear_probe"
 
-    def __init__(self, image_size: int = 224, weights: str | None = None, **_: Any) -> None:
-        self.image_size = int(image_size)
-        self.weights_path = Path(weights) if weights else packaged_weights_path()
+    def __init__(self, image_size: int | None = 224, weights: str | None = None, weights_record: str | None = None,
+                 **_: Any) -> None:
+        self.image_size = int(image_size or 224)
+        self.weights_source = "file" if weights else "package"
+        self._weights_sha256: str | None = None
+        if weights_record:
+            record = read_weights_record(weights_record)
+            self.weights_path, self._weights_sha256 = Path(record["path"]), record["sha256"]
+        else:
+            self.weights_path = Path(weights) if weights else packaged_weights_path()
+
+    @property
+    def weights_sha256(self) -> str:
+        if self._weights_sha256 is None:
+            self._weights_sha256 = file_sha256(self.weights_path)
+        return self._weights_sha256
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -78,6 +96,6 @@ class EfficientNetLite0(Backbone):
         return {
             "backbone": "efficientnet_lite0",
             "weights": self.weights_path.name,
-            "weights_sha256": file_sha256(self.weights_path)[:16],
+            "weights_sha256": self.weights_sha256,
             "preprocessing": self.preprocessing.pixel_key,
         }

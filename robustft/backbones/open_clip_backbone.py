@@ -22,6 +22,7 @@ from torch import nn
 
 from robustft.backbones.base import Backbone, Preprocessing, WeightsError, file_sha256, load_weights_file
 from robustft.backbones.templates import get_templates
+from robustft.backbones.weights import download_tag, read_weights_record
 from robustft.devices import resolve_device
 
 #: Keys of OpenAI JIT state dicts that are not parameters.
@@ -105,11 +106,6 @@ def _quiet_random_init_warning() -> Iterator[None]:
         root.removeFilter(keep)
 
 
-def _one_line(exc: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _is_torchscript_archive(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
@@ -128,7 +124,8 @@ class OpenClipBackbone(Backbone):
     open_clip model config JSON (``embed_dim``, ``vision_cfg``, ``text_cfg``) registered under its file stem, which is
     then the model name. ``image_size``: override the model's input size (positional embeddings are resized).
     ``templates``: name of the prompt template set (:mod:`robustft.backbones.templates`). ``cache_dir``: download
-    cache for tags (open_clip's default when None).
+    cache for tags (open_clip's default when None). ``weights_record``: the record of rule weights
+    (:mod:`robustft.backbones.weights`): its file and SHA-256 are used and nothing is downloaded (workflow jobs).
     """
 
     reference_head_kind = "zeroshot"
@@ -141,6 +138,7 @@ class OpenClipBackbone(Backbone):
         image_size: int | None = None,
         templates: str = "openai_imagenet",
         cache_dir: str | None = None,
+        weights_record: str | None = None,
         **_: Any,
     ) -> None:
         import open_clip
@@ -180,6 +178,7 @@ class OpenClipBackbone(Backbone):
         self.pretrained = str(pretrained)
         self._tag_cfg: dict[str, Any] = dict(get_pretrained_cfg(self.model_name, self.pretrained))
         self.cache_dir = cache_dir
+        self.weights_record = weights_record
         self.templates = templates
         get_templates(templates)  # validates the name
 
@@ -247,27 +246,19 @@ class OpenClipBackbone(Backbone):
             self._weights_path = self._resolve_weights()
         return self._weights_path
 
-    def _resolve_weights(self) -> Path:
-        if self.is_tag:
-            from open_clip.pretrained import download_pretrained
+    @property
+    def weights_source(self) -> str:
+        """``tag`` (downloaded by rule weights) or ``file`` (a local checkpoint used in place)."""
+        return "tag" if self.is_tag else "file"
 
-            hint = (
-                "download the checkpoint where there is network and set backbone.pretrained to the local file "
-                "(.safetensors or a weights-only .bin/.pt state dict)"
-            )
-            try:
-                target = download_pretrained(self._tag_cfg, cache_dir=self.cache_dir)
-            except Exception as exc:
-                raise WeightsError(
-                    f"open_clip model {self.model_name} pretrained tag {self.pretrained!r}: weights could not be "
-                    f"fetched (offline?); {hint} [cause: {_one_line(exc, 160)}]"
-                ) from None
-            if not target or not Path(target).is_file():
-                raise WeightsError(
-                    f"open_clip model {self.model_name} pretrained tag {self.pretrained!r}: no weights file "
-                    f"resolved; {hint}"
-                )
-            return Path(target)
+    def _resolve_weights(self) -> Path:
+        if self.weights_record:
+            record = read_weights_record(self.weights_record)
+            self._weights_sha256 = record["sha256"]
+            return Path(record["path"])
+        if self.is_tag:
+            return download_tag(self._tag_cfg, self.cache_dir,
+                                f"open_clip model {self.model_name} pretrained tag {self.pretrained!r}")
         path = Path(self.pretrained).expanduser()
         if path.is_file():
             return path
@@ -280,6 +271,7 @@ class OpenClipBackbone(Backbone):
 
     @property
     def weights_sha256(self) -> str:
+        self.weights_path  # a weights record carries the hash
         if self._weights_sha256 is None:
             self._weights_sha256 = file_sha256(self.weights_path)
         return self._weights_sha256
@@ -391,7 +383,7 @@ class OpenClipBackbone(Backbone):
             "backbone": "open_clip",
             "model": self.model_name,
             "pretrained": self.pretrained if self.is_tag else self.weights_path.name,
-            "weights_sha256": self.weights_sha256[:16],
+            "weights_sha256": self.weights_sha256,
             "preprocessing": self.preprocessing.pixel_key,
             "templates": self.templates,
         }

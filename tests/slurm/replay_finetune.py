@@ -52,11 +52,11 @@ def _rule_inputs(root: Path, config: dict) -> dict[str, str]:
 
     return {
         "manifest": one("data/*/manifest.parquet"),
-        "train_pixels": one(f"pixels/*/*/{domain}_train.h5"),
-        "val_pixels": one(f"pixels/*/*/{domain}_val.h5"),
-        "train_features": one(f"features/*/*/{domain}_train.h5"),
-        "val_features": one(f"features/*/*/{domain}_val.h5"),
-        "reference_head": one("reference/*/*/head.safetensors"),
+        "train_pixels": one(f"pixels/*/*/{domain}_train-*.h5"),
+        "val_pixels": one(f"pixels/*/*/{domain}_val-*.h5"),
+        "train_features": one(f"features/*/*/{domain}_train-*.h5"),
+        "val_features": one(f"features/*/*/{domain}_val-*.h5"),
+        "reference_head": one("*/*/reference/head.safetensors"),
     }
 
 
