@@ -141,8 +141,12 @@ def eval_feature_paths(wildcards=None):
 
 
 def sweep_fisher_inputs(wildcards):
-    """The ID training pixels, only when the sweep also runs the Fisher-weighted merge."""
-    return {"fisher_pixels": pixel_path(ID_DOMAIN, "train")} if config["sweep"]["fisher"] else {}
+    """The ID training caches, only where the sweep reads them: pixels for the Fisher-weighted merge's sample; pixels
+    and features for the training sample that gamma is chosen on (class-subset runs, calibration.gamma_source: train)."""
+    inputs = {"train_pixels": pixel_path(ID_DOMAIN, "train")} if config["sweep"]["fisher"] else {}
+    if config["calibration"]["gamma_source"] == "train" and is_class_subset(wildcards.method, wildcards.variant):
+        inputs.update(train_pixels=pixel_path(ID_DOMAIN, "train"), train_features=feature_path(ID_DOMAIN, "train"))
+    return inputs
 
 
 def is_class_subset(method, variant):

@@ -8,10 +8,9 @@ rule summary:
     output:
         summary="results/summary.parquet",
     params:
-        backbone=BACKBONE,
-        dataset=DATASET,
-        id_domain=ID_DOMAIN,
-        ood_domains=OOD_DOMAINS,
+        # one study per metrics file: {study, dataset, backbone, id_domain, ood_domains} (summary_stage's studies)
+        studies=[{"study": f"{DATASET}/{BACKBONE}", "dataset": DATASET, "backbone": BACKBONE, "id_domain": ID_DOMAIN,
+                  "ood_domains": OOD_DOMAINS}] * len(run_dirs()),
         bootstrap=config["eval"]["bootstrap"],
         ci_level=config["eval"]["ci_level"],
         code=code_version("robustft/pipeline/analysis.py"),
