@@ -8,9 +8,16 @@ from robustft.pipeline.script_log import rule_log
 from robustft.report.page import print_leaderboard, write_report
 
 with rule_log(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
-    i, o = snakemake.input, snakemake.output  # noqa: F821
-    description = {**snakemake.params.description, "skipped_images": read_table_metadata(i.manifest)["skipped"]}  # noqa: F821
-    write_report(i.summary, list(i.curves), list(i.train_logs), description, out_dir=Path(o.index).parent)
+    i, o, p = snakemake.input, snakemake.output, snakemake.params  # noqa: F821
+    description = {**p.description, "skipped_images": read_table_metadata(i.manifest)["skipped"]}
+    write_report(
+        summary_path=i.summary,
+        curve_paths=list(i.curves),
+        train_log_paths=list(i.train_logs),
+        config=description,
+        out_dir=Path(o.index).parent,
+        run_studies=p.get("run_studies"),  # the study of each run (curves and train logs); one study: not needed
+    )
 
 # after rule_log has handed stdout back: Snakemake does not capture a script's stdout, so this reaches the terminal
 print_leaderboard(snakemake.output.leaderboard)  # noqa: F821

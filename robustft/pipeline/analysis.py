@@ -448,8 +448,10 @@ def summary_stage(
     summary["accuracy_seed_std"] = grouped.transform(_seed_std)
     summary["n_seeds"] = grouped.transform("size").astype(int)
     summary["selected_seed_mean"], summary["selected_seed_std"] = _selected_seed_spread(summary)
+    order = {study: i for i, study in enumerate(pd.unique(summary["study"]))}  # studies in the order given
     summary = summary[list(SUMMARY_COLUMNS)].sort_values(
-        ["study", "method", "variant", "seed", "interpolation", "calibration", "alpha", "is_ood", "eval_domain"]
+        ["study", "method", "variant", "seed", "interpolation", "calibration", "alpha", "is_ood", "eval_domain"],
+        key=lambda column: column.map(order) if column.name == "study" else column,
     ).reset_index(drop=True)
     write_table(out, summary, {"columns": list(SUMMARY_COLUMNS), "studies": [dict(s) for s in studies]})
 
