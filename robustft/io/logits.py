@@ -68,16 +68,36 @@ def _check_batch(what: str, logits: np.ndarray, start: int, n_rows: int, n_class
     return logits
 
 
-def _check_complete(path: Path, handle: h5py.File, kind: str) -> None:
-    if not handle.attrs.get("complete"):
-        raise CorruptArtifactError(f"{path}: incomplete {kind} file (not marked complete)")
+class _LogitFile:
+    """An open, complete logit file, for reading (a context manager); each kind reads its own layout in ``_read``."""
 
+    kind = "logits"
 
-def _open(path: str | Path) -> h5py.File:
-    try:
-        return h5py.File(path, "r")
-    except Exception as exc:  # noqa: BLE001 - any failure to open is one message naming the file
-        raise CorruptArtifactError(f"{path}: not a readable HDF5 file ({exc})") from None
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._handle = h5py.File(self.path, "r")
+        except Exception as exc:  # noqa: BLE001 - any failure to open is one message naming the file
+            raise CorruptArtifactError(f"{self.path}: not a readable HDF5 file ({exc})") from None
+        try:
+            if not self._handle.attrs.get("complete"):
+                raise CorruptArtifactError(f"{self.path}: incomplete {self.kind} file (not marked complete)")
+            self._read()
+        except Exception:
+            self._handle.close()
+            raise
+
+    def _read(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
 
 
 # ------------------------------------------------------------------------------------------------ sweep_logits.h5
@@ -130,25 +150,20 @@ def sweep_logits_writer(
         handle.attrs["complete"] = True
 
 
-class SweepLogits:
+class SweepLogits(_LogitFile):
     """An open, complete ``sweep_logits.h5``: its alphas, interpolations and splits; logits read one slice at a time."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._handle = _open(self.path)
-        try:
-            _check_complete(self.path, self._handle, "sweep logits")
-            attrs = self._handle.attrs
-            self.alphas = [float(a) for a in attrs["alphas"]]
-            self.interpolations = list(json.loads(attrs["interpolations"]))
-            self.head_only = bool(attrs["head_only"])
-            self.splits: dict[str, LogitSplit] = {}
-            for name, group in self._handle.items():
-                self.splits[name] = LogitSplit(name, str(group.attrs["domain"]), str(group.attrs["split"]),
-                                               group["labels"][...], str(group.attrs.get("role", EVAL_ROLE)))
-        except Exception:
-            self._handle.close()
-            raise
+    kind = "sweep logits"
+
+    def _read(self) -> None:
+        attrs = self._handle.attrs
+        self.alphas = [float(a) for a in attrs["alphas"]]
+        self.interpolations = list(json.loads(attrs["interpolations"]))
+        self.head_only = bool(attrs["head_only"])
+        self.splits: dict[str, LogitSplit] = {}
+        for name, group in self._handle.items():
+            self.splits[name] = LogitSplit(name, str(group.attrs["domain"]), str(group.attrs["split"]),
+                                           group["labels"][...], str(group.attrs.get("role", EVAL_ROLE)))
 
     def logits(self, split: str, interpolation: str, alpha_index: int) -> np.ndarray:
         """(N, C) float32 logits of ``split`` under ``interpolation`` at ``alphas[alpha_index]``."""
@@ -156,15 +171,6 @@ class SweepLogits:
 
     def eval_splits(self) -> list[LogitSplit]:
         return [s for s in self.splits.values() if s.role == EVAL_ROLE]
-
-    def close(self) -> None:
-        self._handle.close()
-
-    def __enter__(self) -> "SweepLogits":
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.close()
 
 
 def open_sweep_logits(path: str | Path) -> SweepLogits:
@@ -224,23 +230,18 @@ def fold_logits_writer(
         handle.attrs["complete"] = True
 
 
-class FoldLogits:
+class FoldLogits(_LogitFile):
     """An open, complete PCV fold file: alphas, labels, pseudo-absent mask; reference and per-alpha logits on demand."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._handle = _open(self.path)
-        try:
-            _check_complete(self.path, self._handle, "PCV logits")
-            for name in ("labels", "pseudo_absent", "reference", "logits"):
-                if name not in self._handle:
-                    raise CorruptArtifactError(f"{self.path}: missing dataset {name!r}")
-            self.alphas = [float(a) for a in self._handle.attrs["alphas"]]
-            self.labels = self._handle["labels"][...]
-            self.pseudo_absent = self._handle["pseudo_absent"][...].astype(bool)
-        except Exception:
-            self._handle.close()
-            raise
+    kind = "PCV logits"
+
+    def _read(self) -> None:
+        for name in ("labels", "pseudo_absent", "reference", "logits"):
+            if name not in self._handle:
+                raise CorruptArtifactError(f"{self.path}: missing dataset {name!r}")
+        self.alphas = [float(a) for a in self._handle.attrs["alphas"]]
+        self.labels = self._handle["labels"][...]
+        self.pseudo_absent = self._handle["pseudo_absent"][...].astype(bool)
 
     def reference(self) -> np.ndarray:
         """(N, C) logits of the reference model (the PCV floor's model)."""
@@ -249,15 +250,6 @@ class FoldLogits:
     def logits(self, alpha_index: int) -> np.ndarray:
         """(N, C) logits of the fold model's WiSE-FT point ``alphas[alpha_index]``."""
         return self._handle["logits"][alpha_index]
-
-    def close(self) -> None:
-        self._handle.close()
-
-    def __enter__(self) -> "FoldLogits":
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self.close()
 
 
 def open_fold_logits(path: str | Path) -> FoldLogits:
