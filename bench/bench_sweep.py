@@ -4,10 +4,10 @@ Eval splits are real PACS images in uint8 pixel caches (default: the demo's size
 140 images at 96 px). The fine-tuned model is the reference model with perturbed weights, stored as a full_ft run
 stores it (``model.safetensors``; parameters moved, batch-norm statistics kept); the reference head is stored as ``head.safetensors``.
 
-* pipeline: what ``sweep_stage`` does: build the classifier once, load both states once, load every eval split
-  (pixels and cached features) once, then ONE ``sweep_logits`` call over all alphas (weights written in place and
-  frozen into a graph traced once; alpha = 0 is the reference model, evaluated as the reference head on the cached
-  features);
+* pipeline: what ``sweep_stage`` does: build the classifier once, load both states once, then ONE ``sweep_logits``
+  call over all alphas that streams every eval split (pixels and cached features) from its cache batch by batch
+  (weights written in place and frozen into a graph traced once; alpha = 0 is the reference model, evaluated as the
+  reference head on the cached features);
 * pipeline without cached features: the same with 11 forward passes (isolates the alpha = 0 shortcut);
 * pipeline, eager model: the same without the per-alpha frozen graph (isolates that);
 * naive, in process: per alpha, rebuild the model (pre-trained weights from disk), load the reference head and the
@@ -116,9 +116,9 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     from robustft.backbones import build_backbone
-    from robustft.data.pixels import load_pixel_split, pixel_cache_attrs, write_pixel_cache
-    from robustft.evaluation import EvalSplit, build_classifier, sweep_logits
-    from robustft.features import FREEZE_MIN_PIXELS, extract_features, load_features
+    from robustft.data.pixels import pixel_cache_attrs, write_pixel_cache
+    from robustft.evaluation import CachedColumn, EvalSplit, build_classifier, gather_logits, sweep_logits
+    from robustft.features import FREEZE_MIN_PIXELS, extract_features
     from robustft.pipeline.analysis import reference_state
     from robustft.training.checkpoint import load_safetensors, save_safetensors
 
@@ -172,17 +172,16 @@ def main(argv=None) -> None:
             finetuned = load_safetensors(finetuned_path)
             splits = []
             for name in pixel_paths:
-                feats = load_features(feature_paths[name])
-                pixels = load_pixel_split(pixel_paths[name]) if with_pixels else None
-                splits.append(EvalSplit(name, *name.rsplit("_", 1), feats["labels"].numpy(), pixels,
-                                        feats["features"] if with_features else None))
-            out = {}
-            for alpha, split, logits in sweep_logits(model, reference, finetuned, alphas, splits, pre,
-                                                     torch.device("cpu"), args.batch_size,
-                                                     cpu_freeze_min_pixels=FREEZE_MIN_PIXELS if freeze else None):
+                labels = CachedColumn(feature_paths[name], "labels").read()
+                pixels = CachedColumn(pixel_paths[name], "pixels") if with_pixels else None
+                features = CachedColumn(feature_paths[name], "features") if with_features else None
+                splits.append(EvalSplit(name, *name.rsplit("_", 1), labels, pixels, features))
+            out = gather_logits(sweep_logits(model, reference, finetuned, alphas, splits, pre, torch.device("cpu"),
+                                             args.batch_size,
+                                             cpu_freeze_min_pixels=FREEZE_MIN_PIXELS if freeze else None))
+            for (alpha, name), logits in out.items():
                 if not np.isfinite(logits).all():
-                    raise RuntimeError(f"alpha={alpha} {split.name}: non-finite logits (broken synthetic weights)")
-                out[(alpha, split.name)] = logits
+                    raise RuntimeError(f"alpha={alpha} {name}: non-finite logits (broken synthetic weights)")
             return out
         return timed(go)
 

@@ -103,30 +103,70 @@ def _sweep_gammas(breakpoints: np.ndarray) -> np.ndarray:
     return np.concatenate([[breakpoints[0] - 1.0], mid, [breakpoints[-1] + 1.0]])
 
 
+def projected_absent_mask(absent_mask: np.ndarray, column_class: np.ndarray, num_eval_classes: int) -> np.ndarray:
+    """Absent mask over evaluation classes when each logit column counts as evaluation class ``column_class[j]``
+    (ImageNet-R/-A: a class subset; ObjectNet: the max over a group of ImageNet classes).
+
+    An evaluation class is absent when every model class it is made of is absent; a group that mixes seen and absent
+    model classes counts as seen (the model was fine-tuned on part of it).
+    """
+    mask = np.asarray(absent_mask, dtype=bool).reshape(-1)
+    column_class = np.asarray(column_class, dtype=np.int64).reshape(-1)
+    if mask.shape != column_class.shape:
+        raise ValueError(f"absent_mask has {mask.size} columns, column_class {column_class.size}")
+    if column_class.size and (column_class.min() < 0 or column_class.max() >= num_eval_classes):
+        raise ValueError(f"column_class must lie in [0, {num_eval_classes})")
+    has_seen = np.zeros(num_eval_classes, dtype=bool)
+    has_seen[column_class[~mask]] = True
+    has_absent = np.zeros(num_eval_classes, dtype=bool)
+    has_absent[column_class[mask]] = True
+    return has_absent & ~has_seen
+
+
 def seen_absent_curve(
-    logits: np.ndarray, labels: np.ndarray, absent_mask: np.ndarray, gammas: Sequence[float] | None = None
+    logits: np.ndarray,
+    labels: np.ndarray,
+    absent_mask: np.ndarray,
+    gammas: Sequence[float] | None = None,
+    column_class: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Seen, absent and overall accuracy as γ is added to the absent logits (calibration repo ``evaluate_auc``).
 
     Default ``gammas``: one value strictly inside each interval between :func:`gamma_breakpoints`, plus one below and
     one above all of them, so the curve runs from "never predict absent" to "always prefer absent" and visits
     every distinct prediction state once, away from ties. Accuracies of an empty group are NaN.
+
+    ``column_class`` (default: identity): the evaluation class each logit column counts as, for projected domains;
+    ``labels`` are then evaluation classes and an example's class is absent as in :func:`projected_absent_mask`.
+    With γ added before the projection (a class's logit is the max over its columns), the prediction is still the
+    class of the best seen column or of the best absent column, switching at the same gap d.
     """
     logits, mask = _check_logits(logits, absent_mask)
-    labels = _check_labels(labels, logits.shape[0], logits.shape[1])
+    if column_class is None:
+        column_class = np.arange(logits.shape[1])
+        num_eval = logits.shape[1]
+    else:
+        column_class = np.asarray(column_class, dtype=np.int64).reshape(-1)
+        num_eval = int(column_class.max()) + 1 if column_class.size else 0
+        if column_class.shape != (logits.shape[1],):
+            raise ValueError(f"column_class must have one entry per logit column ({logits.shape[1]})")
+    labels = _check_labels(labels, logits.shape[0], num_eval)
     best_seen, best_absent, gap = _best_seen_absent(logits, mask)
     grid = _sweep_gammas(np.unique(gap)) if gammas is None else np.asarray(gammas, dtype=np.float64).reshape(-1)
 
-    label_absent = mask[labels]
-    correct_seen = (best_seen == labels) & ~label_absent  # correct while predicting its best seen class
-    correct_absent = (best_absent == labels) & label_absent  # correct once switched to its best absent class
+    label_absent = projected_absent_mask(mask, column_class, num_eval)[labels]
+    right_unswitched = column_class[best_seen] == labels  # correct while predicting its best seen column's class
+    right_switched = column_class[best_absent] == labels  # correct once switched to its best absent column's class
     order = np.argsort(gap, kind="stable")
-    cum_seen = np.concatenate([[0], np.cumsum(correct_seen[order])])
-    cum_absent = np.concatenate([[0], np.cumsum(correct_absent[order])])
-    switched = np.searchsorted(gap[order], grid, side="left")  # number of examples with d < γ
-    n_seen_correct = cum_seen[-1] - cum_seen[switched]
-    n_absent_correct = cum_absent[switched]
+    # switched = the examples with d < γ (a prefix of ``order``); per group, correct = switched-right + rest-right
+    n_switched = np.searchsorted(gap[order], grid, side="left")
 
+    def correct_in(group: np.ndarray) -> np.ndarray:
+        cum_unswitched = np.concatenate([[0], np.cumsum((right_unswitched & group)[order])])
+        cum_switched = np.concatenate([[0], np.cumsum((right_switched & group)[order])])
+        return cum_switched[n_switched] + cum_unswitched[-1] - cum_unswitched[n_switched]
+
+    n_seen_correct, n_absent_correct = correct_in(~label_absent), correct_in(label_absent)
     n_seen, n_absent = int((~label_absent).sum()), int(label_absent.sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         return pd.DataFrame(

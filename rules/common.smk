@@ -203,9 +203,10 @@ def _study_inputs(key):
     for domain, split in eval_splits(s):
         sweep[f"pixels_{domain}_{split}"] = pixels(domain, split)
         sweep[f"features_{domain}_{split}"] = features(domain, split)
-    if config["sweep"]["fisher"]:
-        sweep["fisher_pixels"] = pixels(s["id_domain"], "train")
     ident = s["id_domain"]
+    if config["sweep"]["fisher"]:
+        sweep["train_pixels"] = pixels(ident, "train")
+    gamma_inputs = {"train_pixels": pixels(ident, "train"), "train_features": features(ident, "train")}
     return {
         "manifest": manifest,
         "training": {"manifest": manifest, "train_pixels": pixels(ident, "train"), "val_pixels": pixels(ident, "val"),
@@ -213,6 +214,7 @@ def _study_inputs(key):
         "reference": {"manifest": manifest, "train": features(ident, "train"), "val": features(ident, "val")},
         "pcv_logits": {"manifest": manifest, "val_pixels": pixels(ident, "val"), "val_features": features(ident, "val")},
         "sweep": sweep,
+        "gamma_source": gamma_inputs,
     }
 
 
@@ -241,9 +243,13 @@ def pcv_logits_inputs(wildcards):
 
 
 def sweep_inputs(wildcards):
-    """The manifest, every eval split's pixels and features, and the ID training pixels when the sweep runs the
-    Fisher merge."""
-    return dict(study_inputs(wildcards, "sweep"))
+    """The manifest, every eval split's pixels and features, and the ID training caches only where the sweep reads
+    them: pixels for the Fisher-weighted merge's sample; pixels and features for the training sample that gamma is
+    chosen on (class-subset runs, calibration.gamma_source: train)."""
+    inputs = dict(study_inputs(wildcards, "sweep"))
+    if config["calibration"]["gamma_source"] == "train" and is_class_subset(wildcards.method, wildcards.variant):
+        inputs.update(study_inputs(wildcards, "gamma_source"))
+    return inputs
 
 
 def variant_params(wildcards):

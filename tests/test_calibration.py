@@ -8,9 +8,11 @@ from robustft.calibration import (
     average_logit_gap,
     gamma_breakpoints,
     pseudo_absent_folds,
+    projected_absent_mask,
     pseudo_cv_gamma,
     seen_absent_curve,
 )
+from robustft.metrics import max_project_logits
 
 # Classes 0, 1 seen; 2, 3 absent. Per row: best seen, best absent, gap d = max seen - max absent.
 CURVE_LOGITS = np.array(
@@ -147,3 +149,41 @@ def test_pseudo_absent_folds_reproducible_and_bounded():
     assert not all(np.array_equal(a, b) for a, b in zip(folds, other))
     assert len(pseudo_absent_folds([0, 1, 2], 1, 0.01, 0)[0]) == 1  # at least one pseudo-absent
     assert len(pseudo_absent_folds([0, 1, 2], 1, 0.99, 0)[0]) == 2  # at least one left seen
+
+
+# ObjectNet-style groups over 8 model classes; absent model classes 1, 2, 4, 5, 7.
+GROUPS = [[0, 1], [2], [3, 4, 5], [6], [7]]
+GROUP_MASK = absent_class_mask(8, [1, 2, 4, 5, 7])
+
+
+def test_projected_absent_mask_needs_every_member_absent():
+    columns = np.concatenate(GROUPS)
+    column_class = np.repeat(np.arange(len(GROUPS)), [len(g) for g in GROUPS])
+    got = projected_absent_mask(GROUP_MASK[columns], column_class, len(GROUPS))
+    # [0, 1] and [3, 4, 5] mix seen and absent classes: seen; [2] and [7] absent; [6] seen
+    assert got.tolist() == [False, True, False, False, True]
+    # a class subset (ImageNet-R/-A): each evaluation class is one model class
+    assert projected_absent_mask(GROUP_MASK[[7, 0, 2]], np.arange(3), 3).tolist() == [True, False, True]
+    with pytest.raises(ValueError):
+        projected_absent_mask(GROUP_MASK, np.arange(7), 8)
+
+
+def test_seen_absent_curve_through_a_projection_agrees_with_argmax_of_projected_offset_logits():
+    """gamma added on the model's classes, then the max over each group: the curve computed from the best seen and
+    best absent column (and the group each belongs to) matches brute force at every gamma."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(200, 8))
+    labels = rng.integers(0, len(GROUPS), size=200)
+    columns = np.concatenate(GROUPS)
+    column_class = np.repeat(np.arange(len(GROUPS)), [len(g) for g in GROUPS])
+    eval_absent = projected_absent_mask(GROUP_MASK[columns], column_class, len(GROUPS))[labels]
+    gammas = [-3.0, -1.1, -0.2, 0.0, 0.4, 1.3, 2.9]
+    curve = seen_absent_curve(logits[:, columns], labels, GROUP_MASK[columns], gammas, column_class=column_class)
+    for row, gamma in zip(curve.itertuples(), gammas):
+        pred = max_project_logits(apply_logit_offset(logits, GROUP_MASK, gamma), GROUPS).argmax(1)
+        correct = pred == labels
+        assert row.accuracy == pytest.approx(correct.mean())
+        assert row.seen_accuracy == pytest.approx(correct[~eval_absent].mean())
+        assert row.absent_accuracy == pytest.approx(correct[eval_absent].mean())
+    default = seen_absent_curve(logits[:, columns], labels, GROUP_MASK[columns], column_class=column_class)
+    assert default["seen_accuracy"].iloc[0] > 0 and default["absent_accuracy"].iloc[-1] > 0

@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 
 from robustft.io.tables import write_table
-from robustft.pipeline.analysis import SUMMARY_COLUMNS
 from robustft.report import CHART_NAMES, charts as C
 from robustft.report.page import print_leaderboard, report_files, write_report
 
@@ -34,7 +33,9 @@ REF_ACC = {ID: 0.80, "art_painting": 0.62, "cartoon": 0.55, "sketch": 0.38}
 CONFIG = {
     "dataset": {"name": "pacs", "id_domain": ID, "ood_domains": OOD, "max_per_class": {"train": 40, "val": 10,
                                                                                        "test": 25}},
-    "backbone": {"name": "efficientnet_lite0", "image_size": 128},
+    # as the validated config holds it: open_clip's defaults (model, pretrained) are filled in for every backbone
+    "backbone": {"name": "efficientnet_lite0", "image_size": 128, "weights": None, "model": "ViT-B-32",
+                 "pretrained": "openai", "model_config": None},
     "methods": {"zeroshot": {"default": {}}, "full_ft": {"default": {}, "absent3": {
         "protocol": {"kind": "class_subset", "absent_classes": ["giraffe", "guitar", "house"]}}},
                 "l2sp": {"default": {"encoder_strength": 0.1}}, "kd": {"default": {"kd_weight": 0.5}}},
@@ -43,13 +44,19 @@ CONFIG = {
 
 
 # ------------------------------------------------------------------------------------------------ synthetic data
-def _accuracy(method, variant, seed, domain, alpha, calibration, rng):
-    ref = REF_ACC[domain]
+#: The study of the single-study report: the embedded default's dataset and backbone.
+STUDY = {"study": "pacs/efficientnet_lite0-imagenet-128px", "dataset": "pacs",
+         "backbone": "efficientnet_lite0-imagenet-128px", "id_domain": ID, "ood_domains": OOD}
+N = 100  # examples per split: every synthetic accuracy (two decimals) is exact
+
+
+def _accuracy(method, variant, seed, domain, alpha, calibration, rng, trained=TRAINED, ref_acc=REF_ACC, offset=0.0):
+    ref = ref_acc[domain] + offset
     if method == "zeroshot":
         return ref
-    id_gain, ood_gain, bump = TRAINED[(method, variant)]
-    end = ref + (id_gain if domain == ID else ood_gain)
-    acc = (1 - alpha) * ref + alpha * end + (0 if domain == ID else bump * 4 * alpha * (1 - alpha))
+    id_gain, ood_gain, bump = trained[(method, variant)]
+    end = ref + (id_gain if domain in (ID, "real") else ood_gain)
+    acc = (1 - alpha) * ref + alpha * end + (0 if domain in (ID, "real") else bump * 4 * alpha * (1 - alpha))
     acc += 0.01 * alpha * rng.standard_normal() + 0.004 * seed
     if calibration == "alg":
         acc += 0.02 * alpha
@@ -58,63 +65,82 @@ def _accuracy(method, variant, seed, domain, alpha, calibration, rng):
     return float(np.clip(acc, 0, 1))
 
 
-def make_results(root: Path) -> dict:
-    """A summary, per-run calibration curves and train logs shaped like the pipeline's, under ``root/results``."""
+def _metric_row(acc: float, **fields) -> dict:
+    hits = int(round(acc * N))
+    correct = np.zeros(N, np.uint8)
+    correct[:hits] = 1
+    return {"n": N, "accuracy": hits / N, "accuracy_ci_low": max(0.0, hits / N - 0.03),
+            "accuracy_ci_high": min(1.0, hits / N + 0.03), "correct": correct.tobytes(), "interpolation": "linear",
+            **fields}
+
+
+def make_results(root: Path, studies=(STUDY,), trained=TRAINED, ref_acc=REF_ACC, offsets=None) -> dict:
+    """Per run metrics.parquet, run.json, a calibration curve and a train log shaped like the pipeline's, under
+    ``root/results``, and the summary made from them by ``summary_stage``."""
+    from robustft.pipeline.analysis import summary_stage
+
     rng = np.random.default_rng(0)
-    runs = [("zeroshot", "default")] + list(TRAINED)
-    rows, curve_paths, log_paths = [], [], []
-    for method, variant in runs:
-        for seed in SEEDS:
-            absent = (method, variant) == ABSENT_RUN
-            cals = ["none", "alg", "pcv"] if absent else ["none"]
-            run_dir = root / "results" / "runs" / method / variant / f"seed{seed}"
-            run_dir.mkdir(parents=True)
-            trainable = 0 if method == "zeroshot" else 3_400_000
-            for alpha in ALPHAS:
-                for cal in cals:
-                    gamma = {"none": 0.0, "alg": 1.3, "pcv": 1.8}[cal]
-                    per_domain = []
-                    for domain, split in [(ID, "val"), (ID, "test")] + [(d, "test") for d in OOD]:
-                        acc = _accuracy(method, variant, seed, domain, alpha, cal, rng)
-                        if split == "val":
-                            acc = acc - 2.0 * (alpha - 0.75) ** 2  # ID val prefers alpha 0.75
-                        absent_acc = 1 / (1 + np.exp(-(gamma - 1.5 + 0.1 * seed))) if absent else np.nan
-                        seen = 0.95 - 0.9 * absent_acc ** 3 if absent else acc
-                        row = {"method": method, "variant": variant, "seed": seed, "eval_domain": domain,
-                               "split": split, "alpha": alpha, "interpolation": "linear", "calibration": cal,
-                               "gamma": gamma, "n": 175, "accuracy": acc, "accuracy_ci_low": acc - 0.03,
-                               "accuracy_ci_high": acc + 0.03, "seen_accuracy": seen, "absent_accuracy": absent_acc,
-                               "n_seen": 100 if absent else 175, "n_absent": 75 if absent else 0,
-                               "ausuc": 0.4 if absent else np.nan}
-                        rows.append(row)
-                        if split == "test" and domain != ID:
-                            per_domain.append(row)
-                    avg = dict(per_domain[0], eval_domain="ood_average",
-                               accuracy=float(np.mean([r["accuracy"] for r in per_domain])))
-                    avg.update(accuracy_ci_low=avg["accuracy"] - 0.02, accuracy_ci_high=avg["accuracy"] + 0.02)
-                    rows.append(avg)
-            curve = pd.DataFrame(columns=["gamma", "seen_accuracy", "absent_accuracy", "accuracy", "eval_domain",
-                                          "split", "alpha", "interpolation", "ausuc", "method", "variant", "seed"])
-            if absent:
-                gammas = np.linspace(-1, 5, 40)
-                parts = []
-                for domain in [ID, *OOD]:
-                    for split in (["val", "test"] if domain == ID else ["test"]):
+    runs = [("zeroshot", "default")] + list(trained)
+    metric_paths, run_paths, run_studies, curve_paths, log_paths = [], [], [], [], []
+    for study in studies:
+        offset = (offsets or {}).get(study["study"], 0.0)
+        domains = [(study["id_domain"], "val"), (study["id_domain"], "test")] + [(d, "test") for d in study["ood_domains"]]
+        for method, variant in runs:
+            for seed in SEEDS:
+                absent = (method, variant) == ABSENT_RUN
+                cals = ["none", "alg", "pcv"] if absent else ["none"]
+                run_dir = root / "results" / study["study"] / "runs" / method / variant / f"seed{seed}"
+                run_dir.mkdir(parents=True)
+                rows = []
+                for alpha in ALPHAS:
+                    for cal in cals:
+                        gamma = {"none": 0.0, "alg": 1.3, "pcv": 1.8}[cal]
+                        for domain, split in domains:
+                            acc = _accuracy(method, variant, seed, domain, alpha, cal, rng, trained, ref_acc, offset)
+                            if split == "val":
+                                acc = float(np.clip(acc - 2.0 * (alpha - 0.75) ** 2, 0, 1))  # ID val prefers 0.75
+                            absent_acc = 1 / (1 + np.exp(-(gamma - 1.5 + 0.1 * seed))) if absent else np.nan
+                            seen = 0.95 - 0.9 * absent_acc ** 3 if absent and split != "val" else acc
+                            rows.append(_metric_row(
+                                acc, method=method, variant=variant, seed=seed, eval_domain=domain, split=split,
+                                alpha=alpha, calibration=cal, gamma=gamma, seen_accuracy=seen,
+                                absent_accuracy=absent_acc, n_seen=57 if absent else N, n_absent=43 if absent else 0,
+                                ausuc=0.4 if absent else np.nan))
+                write_table(run_dir / "metrics.parquet", pd.DataFrame(rows))
+                trainable = 0 if method == "zeroshot" else 3_400_000
+                (run_dir / "run.json").write_text(json.dumps({
+                    "method": method, "variant": variant, "seed": seed,
+                    "protocol": {"kind": "class_subset" if absent else "full"},
+                    "trainable_parameters": trainable, "total_parameters": 3_400_000,
+                    "checkpoint": {"size_bytes": 13_600_000 if trainable else 0},
+                    "wall_time_s": 95.0 if trainable else 0.0}))
+                metric_paths.append(str(run_dir / "metrics.parquet"))
+                run_paths.append(str(run_dir / "run.json"))
+                run_studies.append(study["study"])
+                curve = pd.DataFrame(columns=["gamma", "seen_accuracy", "absent_accuracy", "accuracy", "eval_domain",
+                                              "split", "alpha", "interpolation", "ausuc", "method", "variant", "seed"])
+                if absent:
+                    gammas = np.linspace(-1, 5, 40)
+                    parts = []
+                    for domain, split in domains:
                         for alpha in ALPHAS:
                             absent_acc = 1 / (1 + np.exp(-(gammas - 1.5 + 0.1 * seed)))
                             seen_acc = 0.95 - 0.9 * absent_acc ** 3
                             parts.append(pd.DataFrame({
                                 "gamma": gammas, "seen_accuracy": seen_acc, "absent_accuracy": absent_acc,
-                                "accuracy": (seen_acc * 100 + absent_acc * 75) / 175, "eval_domain": domain,
+                                "accuracy": (seen_acc * 57 + absent_acc * 43) / 100, "eval_domain": domain,
                                 "split": split, "alpha": alpha, "interpolation": "linear", "ausuc": 0.4,
                                 "method": method, "variant": variant, "seed": seed}))
-                curve = pd.concat(parts, ignore_index=True)
-            write_table(run_dir / "calibration_curve.parquet", curve)
-            curve_paths.append(run_dir / "calibration_curve.parquet")
-            log_paths.append(run_dir / "train_log.parquet")
-            write_table(log_paths[-1], _train_log(method, seed, rng))
-    summary = pd.DataFrame(rows)
-    return {"summary": _finish_summary(summary, root), "curves": curve_paths, "logs": log_paths}
+                    curve = pd.concat(parts, ignore_index=True)
+                write_table(run_dir / "calibration_curve.parquet", curve)
+                curve_paths.append(run_dir / "calibration_curve.parquet")
+                log_paths.append(run_dir / "train_log.parquet")
+                write_table(log_paths[-1], _train_log(method, seed, rng))
+    summary = root / "results" / "summary.parquet"
+    by_name = {s["study"]: s for s in studies}
+    summary_stage(metrics=metric_paths, runs=run_paths, studies=[by_name[s] for s in run_studies], bootstrap=20,
+                  ci_level=0.95, out=str(summary))
+    return {"summary": summary, "curves": curve_paths, "logs": log_paths, "run_studies": run_studies}
 
 
 def _train_log(method: str, seed: int, rng) -> pd.DataFrame:
@@ -133,31 +159,6 @@ def _train_log(method: str, seed: int, rng) -> pd.DataFrame:
     rate = {"full_ft": 0.005, "l2sp": 0.004, "kd": 0.003}[method]
     frame["val_accuracy"] = np.where(steps % 10 == 0, 0.8 + rate * steps + 0.01 * seed, np.nan)
     return frame
-
-
-def _finish_summary(summary: pd.DataFrame, root: Path) -> Path:
-    summary = summary.assign(backbone="efficientnet_lite0-imagenet-128px", dataset="pacs", protocol="full",
-                             train_domain=ID, total_params=3_400_000)
-    summary["protocol"] = np.where(summary["variant"] == "absent3", "class_subset", "full")
-    summary["is_ood"] = summary["eval_domain"] != ID
-    trained = summary["method"] != "zeroshot"
-    summary["trainable_params"] = np.where(trained, 3_400_000, 0)
-    summary["checkpoint_bytes"] = np.where(trained, 13_600_000, 0)
-    summary["train_seconds"] = np.where(trained, 95.0, 0.0)
-    keys = ["method", "variant", "seed", "interpolation", "calibration"]
-    val = summary[(summary["eval_domain"] == ID) & (summary["split"] == "val")]
-    best = (val.sort_values("alpha").sort_values("accuracy", ascending=False, kind="stable")
-            .drop_duplicates(keys)[[*keys, "alpha"]].assign(selected_alpha=True))
-    summary = summary.merge(best, on=[*keys, "alpha"], how="left")
-    summary["selected_alpha"] = summary["selected_alpha"].astype("boolean").fillna(False).astype(bool)
-    group = summary.groupby(["method", "variant", "eval_domain", "split", "alpha", "interpolation",
-                             "calibration"])["accuracy"]
-    summary["accuracy_seed_mean"] = group.transform("mean")
-    summary["accuracy_seed_std"] = group.transform("std").fillna(0.0)
-    summary["n_seeds"] = group.transform("size")
-    path = root / "results" / "summary.parquet"
-    write_table(path, summary[list(SUMMARY_COLUMNS)])
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +257,21 @@ def test_page_is_self_contained(report):
     assert "vegaEmbed" in page and 'id="spec-id_vs_ood"' in page
     assert "<table class=\"leaderboard\">" in page and "linear probe" in page
     assert "efficientnet_lite0" in page and "art_painting, cartoon, sketch" in page
+
+
+def test_configuration_names_the_backbone_it_ran(report):
+    """The configuration table showed EfficientNet-Lite0 as "model ViT-B-32, pretrained openai": the open_clip
+    defaults that a validated config carries for every backbone."""
+    from robustft.report.page import backbone_description
+
+    page = (report["out"] / "index.html").read_text()
+    config_section = page[page.index('id="configuration"'):page.index('id="id_vs_ood"')]
+    assert "efficientnet_lite0 (ImageNet-1k weights, 128 px)" in config_section
+    assert "ViT-B-32" not in config_section and "openai" not in config_section
+    clip = {"name": "open_clip", "model": "ViT-B-32", "pretrained": "openai", "image_size": None, "weights": None}
+    assert backbone_description(clip) == "open_clip (ViT-B-32, openai weights, native resolution)"
+    assert backbone_description({"name": "efficientnet_lite0", "weights": "/w/lite0.safetensors", "image_size": 96}) \
+        == "efficientnet_lite0 (weights lite0.safetensors, 96 px)"
 
 
 def test_calibration_note_without_absent_classes(report, tmp_path):
@@ -398,26 +414,66 @@ _COUNT_MARKS = r"""
 """
 
 
-@pytest.mark.browser
-def test_page_renders_in_chromium(report, tmp_path):
+#: Page and chart geometry: horizontal overflow of the page, each chart's drawn SVG and its box.
+_LAYOUT = r"""
+(() => {
+  const page = document.documentElement;
+  const charts = Array.from(document.querySelectorAll("div.chart[data-chart]")).map(el => {
+    const svg = el.querySelector("svg.marks");
+    const box = svg ? svg.getBoundingClientRect() : {width: 0, height: 0, left: 0, right: 0};
+    const style = getComputedStyle(el);
+    return {name: el.dataset.chart, client: el.clientWidth, scroll: el.scrollWidth, width: box.width,
+            height: box.height, left: box.left, right: box.right,
+            visible: style.display !== "none" && style.visibility !== "hidden"};
+  });
+  return {scroll: page.scrollWidth, client: page.clientWidth, charts: charts};
+})()
+"""
+
+#: The window width the report must fit without horizontal scrolling (issue #18 item 6).
+PAGE_WIDTH = 1400
+
+
+def render_in_chromium(index: Path, profile: Path) -> dict:
+    """Open ``index`` at PAGE_WIDTH px; the marks of each chart, the page geometry, a screenshot, console problems."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (apt-get install -y chromium)")
-    browser = Chromium(tmp_path / "profile")
+    browser = Chromium(profile, width=PAGE_WIDTH)
     try:
-        browser.open((report["out"] / "index.html").resolve().as_uri())
+        browser.open(index.resolve().as_uri())
         browser.wait_for("document.body && document.body.dataset.charts === 'done'")
         found = browser.evaluate(_COUNT_MARKS)
+        layout = browser.evaluate(_LAYOUT)
         shot = browser.screenshot()
         problems = browser.problems()
     finally:
         browser.close()
-    (tmp_path / "report.png").write_bytes(shot)
+    return {"found": found, "layout": layout, "shot": shot, "problems": problems}
+
+
+def assert_fits_and_shows(rendered: dict) -> None:
+    """Every chart rendered, drawn with a real size inside the page, no horizontal overflow anywhere."""
+    found, layout = rendered["found"], rendered["layout"]
     assert found.pop("__scripts_with_src") == []
-    assert not problems, problems
+    assert not rendered["problems"], rendered["problems"]
     assert set(found) == set(CHART_NAMES)
     for name, chart in found.items():
         assert chart["status"] == "rendered" and chart["svgs"] == 1, (name, chart)
         assert chart["counts"] and all(n > 0 for n in chart["counts"].values()), (name, chart)
+    assert layout["scroll"] <= layout["client"], f"the page scrolls sideways at {PAGE_WIDTH} px: {layout}"
+    for chart in layout["charts"]:
+        assert chart["visible"] and chart["width"] > 200 and chart["height"] > 100, chart
+        assert chart["scroll"] <= chart["client"], f"chart {chart['name']} is cut off at {PAGE_WIDTH} px: {chart}"
+        assert 0 <= chart["left"] and chart["right"] <= layout["client"], chart
+
+
+@pytest.mark.browser
+def test_page_renders_in_chromium(report, tmp_path):
+    rendered = render_in_chromium(report["out"] / "index.html", tmp_path / "profile")
+    shot = rendered["shot"]
+    (tmp_path / "report.png").write_bytes(shot)
+    assert_fits_and_shows(rendered)
+    found = rendered["found"]
 
     # charts against their data
     summary = report["summary_frame"]
@@ -447,7 +503,7 @@ def test_page_renders_in_chromium(report, tmp_path):
     from PIL import Image
 
     image = Image.open(io.BytesIO(shot)).convert("RGB")
-    assert image.width >= 1000 and image.height >= 2000
+    assert image.width == PAGE_WIDTH and image.height >= 2000
     small = np.asarray(image.resize((image.width // 4, image.height // 4)))
     assert (small.min(axis=2) < 200).mean() > 0.02  # enough ink
     assert len(np.unique(small.reshape(-1, 3), axis=0)) > 50  # colours of several methods
@@ -477,3 +533,113 @@ def test_single_seed_without_reference_run(report):
     for chart in (C.id_vs_ood_chart(summary, OOD), C.accuracy_change_chart(summary, OOD),
                   C.calibration_chart(summary, pd.DataFrame(), OOD), C.training_curves_chart(pd.DataFrame())):
         assert chart.to_dict()  # validates against the Vega-Lite schema
+
+
+# ------------------------------------------------------------------------------- several studies (issue #17)
+SMALL, BIG = "efficientnet_lite0-imagenet-128px", "open_clip-ViT-B-32-openai-224px"
+MATRIX_STUDIES = (
+    {"study": f"pacs/{SMALL}", "dataset": "pacs", "backbone": SMALL, "id_domain": ID, "ood_domains": OOD},
+    {"study": f"pacs/{BIG}", "dataset": "pacs", "backbone": BIG, "id_domain": ID, "ood_domains": OOD},
+    {"study": f"domainnet/{SMALL}", "dataset": "domainnet", "backbone": SMALL, "id_domain": "real",
+     "ood_domains": ["clipart", "sketch"]},
+)
+#: A grid for l2sp: ``strong`` loses on ID validation and wins on OOD test (the oracle's pick).
+MATRIX_TRAINED = {**TRAINED, ("l2sp", "strong"): (0.10, 0.12, 0.02)}
+MATRIX_REF = {**REF_ACC, "real": 0.70, "clipart": 0.45}
+MATRIX_CONFIG = {"methods": {**CONFIG["methods"], "l2sp": {"default": {"encoder_strength": 0.1},
+                                                           "strong": {"encoder_strength": 1.0}}},
+                 "seeds": SEEDS, "sweep": {"alphas": ALPHAS}, "report": {"title": "robustft synthetic matrix"}}
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    root = tmp_path_factory.mktemp("matrix")
+    inputs = make_results(root, MATRIX_STUDIES, MATRIX_TRAINED, MATRIX_REF, offsets={f"pacs/{BIG}": 0.05})
+    out = root / "results" / "report"
+    written = write_report(inputs["summary"], inputs["curves"], inputs["logs"], MATRIX_CONFIG, out, png_scale=1.0,
+                           run_studies=inputs["run_studies"])
+    return {"root": root, "out": out, "written": written, **inputs,
+            "summary_frame": pd.read_parquet(inputs["summary"])}
+
+
+def test_variant_chosen_on_id_validation_beside_the_oracle(matrix):
+    summary = matrix["summary_frame"]
+    boards = C.leaderboards(summary)
+    assert list(boards) == [s["study"] for s in MATRIX_STUDIES]
+    table = boards[f"pacs/{SMALL}"]
+    l2sp = table[table["method"] == "l2sp"].reset_index(drop=True)
+    assert l2sp["point"].tolist()[:2] == [C.POINT_SELECTED_VARIANT, C.POINT_ORACLE_VARIANT]
+    assert l2sp.loc[0, "variant"] == "default" and l2sp.loc[1, "variant"] == "strong"
+    assert set(l2sp.loc[2:, "variant"]) == {"default", "strong"} and len(l2sp) == 6
+    rows = summary[(summary["study"] == f"pacs/{SMALL}") & (summary["method"] == "l2sp") & summary["selected_alpha"]
+                   & (summary["calibration"] == "none") & (summary["eval_domain"] == "ood_average")]
+    # each seed at its own chosen variant and alpha, then the mean over seeds
+    assert l2sp.loc[0, "ood_average"] == pytest.approx(rows.loc[rows["selected_variant"], "accuracy"].mean())
+    assert l2sp.loc[1, "ood_average"] == pytest.approx(rows.loc[rows["oracle_variant"], "accuracy"].mean())
+    assert l2sp.loc[1, "ood_average"] > l2sp.loc[0, "ood_average"]  # the selection gap
+    shown = C.leaderboard_display(table)
+    assert "not a valid selection" in " ".join(shown["weights"])
+    # methods without a grid get no selection rows
+    assert set(table.loc[table["method"] == "kd", "point"]) == {C.POINT_LAST, C.POINT_CHOSEN}
+
+
+def test_leaderboard_across_backbones(matrix):
+    summary = matrix["summary_frame"]
+    cells = C.backbone_leaderboard(summary)
+    across = C.backbone_leaderboard_display(cells)
+    assert list(across) == ["pacs", "domainnet"]
+    assert list(across["pacs"].columns) == ["method", f"{SMALL} ID", f"{SMALL} OOD avg", f"{BIG} ID", f"{BIG} OOD avg"]
+    assert list(across["domainnet"].columns) == ["method", f"{SMALL} ID", f"{SMALL} OOD avg"]
+    cell = cells[(cells["dataset"] == "pacs") & (cells["backbone"] == BIG) & (cells["method"] == "l2sp")
+                 & (cells["measure"] == "OOD avg")].iloc[0]
+    rows = summary[(summary["study"] == f"pacs/{BIG}") & (summary["method"] == "l2sp") & summary["selected_alpha"]
+                   & summary["selected_variant"] & (summary["calibration"] == "none")
+                   & (summary["eval_domain"] == "ood_average")]
+    # each seed at the variant and alpha it chose on ID validation (here the seeds disagree on the variant)
+    assert len(rows) == len(SEEDS) and cell["accuracy"] == pytest.approx(rows["accuracy"].mean())
+    assert cell["variant"] == "/".join(sorted(set(rows["variant"]), key=lambda v: (v != "default", v)))
+    big = cells[(cells["backbone"] == BIG) & (cells["dataset"] == "pacs")].set_index(["method", "measure"])
+    small = cells[(cells["backbone"] == SMALL) & (cells["dataset"] == "pacs")].set_index(["method", "measure"])
+    assert (big["accuracy"] > small["accuracy"]).all()  # the bigger backbone's offset, never mixed with the other
+
+
+def test_files_of_several_studies(matrix, tmp_path):
+    out = matrix["out"]
+    text = (out / "leaderboard.txt").read_text()
+    for study in MATRIX_STUDIES:
+        assert f"== {study['study']}\n" in text
+    assert "== pacs: across backbones" in text and "domainnet: across" not in text
+    flat = pd.read_csv(out / "leaderboard.csv")
+    assert list(flat["study"].unique()) == [s["study"] for s in MATRIX_STUDIES]
+    page = (out / "index.html").read_text()
+    assert page.count("<table class=\"leaderboard\">") == len(MATRIX_STUDIES) + 1
+    assert "pacs: across backbones" in page and "3 studies" in page
+    with pytest.raises(ValueError, match="pass run_studies"):
+        write_report(matrix["summary"], matrix["curves"], matrix["logs"], MATRIX_CONFIG, tmp_path)
+    from robustft.report.page import load_curves
+
+    with pytest.raises(ValueError, match="one study per run"):
+        load_curves(matrix["curves"], matrix["run_studies"][:-1])
+
+
+@pytest.mark.browser
+def test_page_of_several_studies_renders_in_chromium(matrix, tmp_path):
+    rendered = render_in_chromium(matrix["out"] / "index.html", tmp_path / "profile")
+    (tmp_path / "matrix.png").write_bytes(rendered["shot"])
+    assert_fits_and_shows(rendered)
+    found = rendered["found"]
+    summary = matrix["summary_frame"]
+    main = found["id_vs_ood"]["counts"]
+    drawn = selected = oracle = 0
+    for study in MATRIX_STUDIES:
+        points = C.id_vs_ood_points(C.study_rows(summary, study["study"]), study["ood_domains"])
+        drawn, selected, oracle = drawn + points["drawn"].sum(), selected + points["selected"].sum(), \
+            oracle + points["oracle"].sum()
+    panels = {"pacs": len(OOD) + 1, "domainnet": 3}
+    assert main["alpha_points_marks"] == drawn
+    # per study and panel: full_ft, full_ft (absent3), kd and l2sp's chosen variant get a ring; l2sp's oracle a cross
+    assert selected == 4 * (2 * panels["pacs"] + panels["domainnet"]) == main["selected_points_marks"]
+    assert oracle == 2 * panels["pacs"] + panels["domainnet"] == main["oracle_points_marks"]
+    heat = found["accuracy_change"]["counts"]
+    assert heat["heat_cells_marks"] == len(MATRIX_TRAINED) * (2 * (panels["pacs"] + 1) + panels["domainnet"] + 1)
+    assert found["calibration"]["counts"]["calibration_curves_marks"] == len(MATRIX_STUDIES) * len(SEEDS)

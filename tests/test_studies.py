@@ -203,8 +203,6 @@ def test_removing_a_backbone_and_adding_it_back_recomputes_nothing(studies):
     _assert_untouched(studies.snap["m"], studies.snap["m_again"], "the matrix after removing and re-adding a backbone")
 
 
-@pytest.mark.xfail(strict=True, reason="the report across studies is helper C's (branch analysis): remove this mark "
-                                      "when it is merged")
 def test_the_matrix_report_is_built(studies):
     """The report over the 2 x 2 matrix: it only reads the summary and the runs' curves and logs."""
     assert _dry_run(studies.workdir, studies.m, "results/report/index.html") == {"report": 1}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustft.evaluation import EvalSplit, build_classifier, predict_logits, sweep_logits
+from robustft.evaluation import EvalSplit, build_classifier, gather_logits, predict_logits, sweep_logits
 from robustft.features import CpuInferenceGraph
 from robustft.interpolation import interpolate_state_dicts
 
@@ -40,7 +40,7 @@ def test_every_alpha_is_the_interpolated_model(min_pixels, monkeypatch):
     model = build_classifier(backbone, len(CLASSES)).eval()
     reference, finetuned = _states(model)
     data = tiny_data(per_class=4)
-    split = EvalSplit("photo_test", "photo", "test", data.labels.numpy(), pixels=data)
+    split = EvalSplit("photo_test", "photo", "test", data.labels.numpy(), pixels=data.pixels)
     frozen_graphs = []
     real_frozen = CpuInferenceGraph.frozen
 
@@ -51,9 +51,9 @@ def test_every_alpha_is_the_interpolated_model(min_pixels, monkeypatch):
 
     monkeypatch.setattr(CpuInferenceGraph, "frozen", recording_frozen)
     alphas = [0.0, 0.25, 0.5, 1.0]
-    got = {alpha: logits for alpha, _, logits in sweep_logits(
+    got = {alpha: logits for (alpha, _), logits in gather_logits(sweep_logits(
         model, reference, finetuned, alphas, [split], backbone.preprocessing, CPU, batch_size=16,
-        cpu_freeze_min_pixels=min_pixels)}
+        cpu_freeze_min_pixels=min_pixels)).items()}
     # one frozen graph per alpha where the alpha's pixels reach the threshold (the tiny encoder freezes exactly),
     # none below it or when freezing is off
     assert frozen_graphs == ([True] * len(alphas) if min_pixels == 0 else [])
@@ -103,16 +103,17 @@ def test_fisher_sweep_is_the_fisher_weighted_merge_at_every_alpha():
     params = [name for name, _ in model.named_parameters()]
     fishers = tuple({k: torch.rand(reference[k].shape, generator=g) for k in params} for _ in range(2))
     data = tiny_data(per_class=4)
-    split = EvalSplit("photo_val", "photo", "val", data.labels.numpy(), pixels=data)
+    split = EvalSplit("photo_val", "photo", "val", data.labels.numpy(), pixels=data.pixels)
     alphas = [0.0, 0.5, 1.0]
-    got = {alpha: logits for alpha, _, logits in sweep_logits(
+    got = {alpha: logits for (alpha, _), logits in gather_logits(sweep_logits(
         model, reference, finetuned, alphas, [split], backbone.preprocessing, CPU, batch_size=16, fisher=fishers,
-        cpu_freeze_min_pixels=0)}
+        cpu_freeze_min_pixels=0)).items()}
     check = build_classifier(backbone, len(CLASSES)).eval()
     for alpha in alphas:
         merged = fisher_weighted_interpolation(reference, finetuned, fishers[0], fishers[1], alpha)
         check.load_state_dict({**reference, **merged})
         want = predict_logits(check, data.pixels, backbone.preprocessing, CPU, 16)
         np.testing.assert_allclose(got[alpha], want, rtol=1e-5, atol=1e-5, err_msg=f"alpha={alpha}")
-    linear = next(l for a, _, l in sweep_logits(model, reference, finetuned, [0.5], [split], backbone.preprocessing, CPU, 16))
+    linear = gather_logits(sweep_logits(model, reference, finetuned, [0.5], [split], backbone.preprocessing, CPU, 16))
+    linear = linear[(0.5, "photo_val")]
     assert not np.allclose(got[0.5], linear, atol=1e-4)  # unequal Fishers weight the two ends differently

@@ -8,5 +8,15 @@ from robustft.pipeline.script_log import rule_log
 with rule_log(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
     torch.set_num_threads(snakemake.params.cpu_threads)  # noqa: F821
     i, p, o = snakemake.input, snakemake.params, snakemake.output  # noqa: F821
-    calibrate_stage(i.manifest, i.run, i.logits, p.id_domain, p.gamma_source, p.bootstrap, p.ci_level,
-                    o.metrics, o.curve, pcv_fold_logits=list(i.get("pcv", [])))
+    calibrate_stage(
+        manifest=i.manifest,
+        run_json=i.run,
+        sweep_logits_path=i.logits,
+        id_domain=p.id_domain,
+        gamma_source=p.gamma_source,
+        bootstrap=p.bootstrap,
+        ci_level=p.ci_level,
+        out_metrics=o.metrics,
+        out_curve=o.curve,
+        pcv_fold_logits=list(i.get("pcv", [])),
+    )

@@ -5,6 +5,11 @@ from robustft.pipeline.script_log import rule_log
 
 with rule_log(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
     i, p = snakemake.input, snakemake.params  # noqa: F821
-    study = p.studies[0]  # one entry per metrics file, all the same study in this rule
-    summary_stage(list(i.metrics), list(i.runs), study["backbone"], study["dataset"], study["id_domain"],
-                  list(study["ood_domains"]), p.bootstrap, p.ci_level, snakemake.output.summary)  # noqa: F821
+    summary_stage(
+        metrics=list(i.metrics),
+        runs=list(i.runs),
+        studies=[dict(s) for s in p.studies],
+        bootstrap=p.bootstrap,
+        ci_level=p.ci_level,
+        out=snakemake.output.summary,  # noqa: F821
+    )

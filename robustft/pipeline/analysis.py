@@ -1,13 +1,12 @@
-"""Analysis stages: the per-run WiSE-FT sweep, calibration with metrics, and the summary table."""
+"""Analysis stages: the per-run WiSE-FT sweep, calibration with metrics, PCV fold logits, and the summary table."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -18,15 +17,25 @@ from robustft.calibration import (
     apply_logit_offset,
     ausuc,
     average_logit_gap,
+    projected_absent_mask,
     pseudo_cv_gamma,
     seen_absent_curve,
 )
+from robustft.data.adapters import EvalProjection
 from robustft.data.registry import get_adapter
-from robustft.data.pixels import load_pixel_split
 from robustft.devices import resolve_device
-from robustft.evaluation import EvalSplit, build_classifier, encoder_unchanged, sweep_logits
-from robustft.features import load_features
-from robustft.io.atomic import atomic_path
+from robustft.evaluation import CachedColumn, EvalSplit, build_classifier, encoder_unchanged, sweep_logits
+from robustft.io.logits import (
+    EVAL_ROLE,
+    GAMMA_SOURCE_ROLE,
+    LogitSplit,
+    fold_logits_writer,
+    open_fold_logits,
+    open_sweep_logits,
+    read_sweep_logits,  # noqa: F401 (re-exported: tests read whole sweep files through robustft.pipeline.analysis)
+    sweep_logits_writer,
+)
+from robustft.io.progress import ProgressLog
 from robustft.io.tables import read_table, write_table
 from robustft.metrics import bootstrap_ci, group_accuracies
 from robustft.pipeline.stages import expected_feature_attrs, read_manifest
@@ -36,13 +45,20 @@ log = logging.getLogger("robustft")
 
 #: Columns of ``results/summary.parquet`` (documented in the README; checked by tests).
 SUMMARY_COLUMNS = (
-    "method", "variant", "seed", "backbone", "dataset", "protocol", "train_domain", "eval_domain", "split", "is_ood",
-    "alpha", "interpolation", "selected_alpha", "calibration", "gamma", "n", "accuracy", "accuracy_ci_low",
-    "accuracy_ci_high", "seen_accuracy", "absent_accuracy", "n_seen", "n_absent", "ausuc",
-    "accuracy_seed_mean", "accuracy_seed_std", "n_seeds", "trainable_params", "total_params", "checkpoint_bytes",
-    "train_seconds",
+    "study", "method", "variant", "seed", "backbone", "dataset", "protocol", "train_domain", "eval_domain", "split",
+    "is_ood", "alpha", "interpolation", "selected_alpha", "selected_variant", "oracle_variant", "calibration",
+    "gamma", "n", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "seen_accuracy", "absent_accuracy", "n_seen",
+    "n_absent", "ausuc", "accuracy_seed_mean", "accuracy_seed_std", "n_seeds", "selected_seed_mean",
+    "selected_seed_std", "trainable_params", "total_params", "checkpoint_bytes", "train_seconds",
 )
-
+#: The keys of one entry of ``summary_stage``'s ``studies`` (what the study of one metrics file is).
+STUDY_KEYS = ("study", "dataset", "backbone", "id_domain", "ood_domains")
+#: ID training images the sweep evaluates, as a seeded sample, when gamma is chosen on training data
+#: (``calibration.gamma_source: train``). ALG is a difference of two means over examples: 10,000 examples put its
+#: sampling error far below the spread of gaps, while the file stays ~A x 40 kB per class.
+GAMMA_TRAIN_EXAMPLES = 10_000
+#: Images per backward pass when the Fisher-weighted merge computes its Fishers (one example at a time inside).
+FISHER_READ_BATCH = 32
 
 def reference_state(model: torch.nn.Module, head_path: str | Path) -> dict[str, torch.Tensor]:
     """The reference model's full state dict: pre-trained encoder plus the reference head."""
@@ -51,100 +67,165 @@ def reference_state(model: torch.nn.Module, head_path: str | Path) -> dict[str, 
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def sample_rows(n_rows: int, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random sample of ``min(n, n_rows)`` rows drawn over the whole split (without
+    replacement): caches are sorted by class, so the first rows would show few classes."""
+    if n < 0 or n_rows < 0:
+        raise ValueError(f"sample sizes must be non-negative, got n={n} of {n_rows} rows")
+    if n >= n_rows:
+        return np.arange(n_rows, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n_rows, size=n, replace=False)).astype(np.int64)
+
+
+def _checked_split(name: str, domain: str, split: str, pixels: str | None, features: str, expected: dict,
+                   rows: np.ndarray | None = None, pixels_needed: bool = True) -> EvalSplit:
+    """An :class:`EvalSplit` streaming from its caches, after checking that both list the same images."""
+    feats = CachedColumn(features, "features", rows, expected)
+    ids = CachedColumn(features, "row_ids", rows, expected).read()
+    pix = None
+    if pixels_needed:
+        if pixels is None:
+            raise ValueError(f"split {name}: no pixel cache to evaluate a changed encoder on")
+        pix = CachedColumn(pixels, "pixels", rows)
+        if not np.array_equal(CachedColumn(pixels, "row_ids", rows).read(), ids):
+            raise RuntimeError(f"{pixels} and {features} list different images; rerun the features rule")
+    labels = CachedColumn(features, "labels", rows, expected).read()
+    return EvalSplit(name, domain, split, labels, pix, feats)
+
+
+def _cache_domain_split(path: str) -> tuple[str, str]:
+    from robustft.io.arrays import open_arrays, read_attrs
+
+    with open_arrays(path, ()) as handle:
+        attrs = read_attrs(handle)
+    if "domain" not in attrs or "split" not in attrs:
+        raise RuntimeError(f"{path}: a cache without domain and split attributes")
+    return str(attrs["domain"]), str(attrs["split"])
+
+
 def sweep_stage(
+    *,
     manifest: str,
     backbone_spec: dict,
     run_json: str,
     reference_head: str,
-    eval_pixels: dict[str, str],
-    eval_features: dict[str, str],
+    eval_pixels: Mapping[str, str],
+    eval_features: Mapping[str, str],
     alphas: Sequence[float],
     batch_size: int,
     device: str,
     out_logits: str,
-    fisher_pixels: str | None = None,
+    train_pixels: str | None = None,
+    train_features: str | None = None,
     fisher_examples: int = 0,
+    gamma_train_examples: int = GAMMA_TRAIN_EXAMPLES,
 ) -> None:
-    """Evaluate every alpha of the run's WiSE-FT path on every eval split; write all logits to one HDF5 file."""
+    """Evaluate every alpha of the run's WiSE-FT path on every eval split; write all logits to one HDF5 file.
+
+    Every split streams from its caches, one batch in memory. ``train_pixels`` with ``fisher_examples`` > 0 adds
+    the Fisher-weighted merge, its Fishers computed on a seeded random sample of the ID training split.
+    ``train_features`` (given when gamma is chosen on training data) adds a seeded sample of
+    ``gamma_train_examples`` ID training images, stored with role ``gamma_source`` (used for gamma, never scored).
+    """
     from robustft.training.run import load_run_state
 
-    frame, meta = read_manifest(manifest)
+    _, meta = read_manifest(manifest)
+    num_classes = len(meta["class_names"])
     backbone = build_backbone(backbone_spec)
     dev = resolve_device(device)
-    model = build_classifier(backbone, len(meta["class_names"]))
+    model = build_classifier(backbone, num_classes)
     ref = reference_state(model, reference_head)
     run_dir = Path(run_json).parent
+    run = json.loads(Path(run_json).read_text())
     finetuned = load_run_state(run_dir, ref)
     head_only = encoder_unchanged(ref, finetuned)
     expected = expected_feature_attrs(meta, backbone)
-    splits = []
+    splits, roles = [], {}
     for name in eval_pixels:
         domain, split = name.rsplit("_", 1)
-        feats = load_features(eval_features[name], expected)
-        pixels = None if head_only else load_pixel_split(eval_pixels[name])
-        if pixels is not None and not torch.equal(pixels.row_ids, feats["row_ids"]):
-            raise RuntimeError(f"{eval_pixels[name]} and {eval_features[name]} list different images")
-        splits.append(EvalSplit(name, domain, split, feats["labels"].numpy(), pixels, feats["features"]))
+        splits.append(_checked_split(name, domain, split, eval_pixels[name], eval_features[name], expected,
+                                     pixels_needed=not head_only))
+        roles[name] = EVAL_ROLE
+    if train_features is not None and gamma_train_examples > 0:
+        domain, split = _cache_domain_split(train_features)
+        rows = sample_rows(len(CachedColumn(train_features, "labels", None, expected)), gamma_train_examples,
+                           int(run["seed"]))
+        name = f"{domain}_{split}"
+        splits.append(_checked_split(name, domain, split, train_pixels, train_features, expected, rows,
+                                     pixels_needed=not head_only))
+        roles[name] = GAMMA_SOURCE_ROLE
     variants: list[tuple[str, Any]] = [("linear", None)]
-    if fisher_pixels and fisher_examples and not head_only:
-        variants.append(("fisher", _fisher_pair(model, ref, finetuned, fisher_pixels, fisher_examples, backbone, dev)))
+    if train_pixels and fisher_examples and not head_only:
+        sample = fisher_sample(train_pixels, fisher_examples, int(run["seed"]))
+        variants.append(("fisher", fisher_pair(model, ref, finetuned, sample, backbone.preprocessing, dev)))
     alphas = [float(a) for a in alphas]
-    with atomic_path(out_logits) as tmp, h5py.File(tmp, "w") as out:
-        out.attrs["alphas"] = np.asarray(alphas)
-        out.attrs["interpolations"] = json.dumps([v[0] for v in variants])
-        out.attrs["head_only"] = head_only
-        for split in splits:
-            group = out.create_group(split.name)
-            group["labels"] = split.labels
-            group.attrs.update({"domain": split.domain, "split": split.split})
-            for interp, _ in variants:
-                group.create_dataset(interp, shape=(len(alphas), len(split.labels), len(meta["class_names"])), dtype=np.float32)
+    images = sum(len(s.labels) for s in splits)
+    layout = [LogitSplit(s.name, s.domain, s.split, s.labels, roles[s.name]) for s in splits]
+    what = f"sweep {run['method']}/{run['variant']}/seed{run['seed']}"
+    with sweep_logits_writer(out_logits, alphas=alphas, interpolations=[v[0] for v in variants], splits=layout,
+                             num_classes=num_classes, head_only=head_only) as out, \
+            ProgressLog(what, images * len(alphas) * len(variants), "images") as progress:
         for interp, fisher in variants:
-            for alpha, split, logits in sweep_logits(model, ref, finetuned, alphas, splits, backbone.preprocessing,
-                                                     dev, batch_size, fisher=fisher):
-                out[split.name][interp][alphas.index(alpha)] = logits
-                acc = float((logits.argmax(1) == split.labels).mean())
-                log.info("%s alpha=%.2f %s: accuracy %.4f", interp, alpha, split.name, acc)
-        out.attrs["complete"] = True
+            correct: dict[tuple[float, str], int] = {}
+            batches = sweep_logits(model, ref, finetuned, alphas, splits, backbone.preprocessing, dev, batch_size,
+                                   fisher=fisher)
+            for alpha, split, start, logits in batches:
+                out.write(split.name, interp, alpha, start, logits)
+                labels = split.labels[start : start + logits.shape[0]]
+                key = (alpha, split.name)
+                correct[key] = correct.get(key, 0) + int((logits.argmax(1) == labels).sum())
+                progress.update(logits.shape[0], interpolation=interp, alpha=alpha)
+                if start + logits.shape[0] == len(split.labels):
+                    log.info("%s alpha=%.2f %s: accuracy %.4f", interp, alpha, split.name,
+                             correct[key] / max(1, len(split.labels)))
 
 
-def _fisher_pair(model, ref, finetuned, pixels_path, n, backbone, device):
-    """Diagonal Fishers of the reference and fine-tuned models on ``n`` ID training images (WiSE-FT code), computed
-    on ``device``; the sampled labels come from a CPU generator, so they are the same on every device."""
+def fisher_sample(train_pixels: str, n: int, seed: int) -> CachedColumn:
+    """The Fisher-weighted merge's examples: a seeded random sample of ``n`` rows over the whole ID training split."""
+    total = len(CachedColumn(train_pixels, "labels"))
+    return CachedColumn(train_pixels, "pixels", sample_rows(total, n, seed))
+
+
+def fisher_pair(model, ref, finetuned, sample: CachedColumn, preprocessing, device) -> tuple[dict, dict]:
+    """Diagonal Fishers of the reference and fine-tuned models on the ``sample`` images (WiSE-FT code), computed on
+    ``device``, streaming the sample in batches; the sampled labels come from a CPU generator, so they are the same
+    on every device."""
     from robustft.fisher import diagonal_fisher
 
-    pixels = load_pixel_split(pixels_path).pixels[:n]
+    def inputs() -> Iterator[torch.Tensor]:
+        for batch in sample.batches(FISHER_READ_BATCH):
+            yield preprocessing.normalize(batch.to(device))
+
     model.to(device)
-    inputs = [backbone.preprocessing.normalize(pixels[i : i + 32].to(device)) for i in range(0, len(pixels), 32)]
     fishers = []
     for state in (ref, finetuned):
         model.load_state_dict(state)
         params = {k: p for k, p in model.named_parameters()}
-        fishers.append(diagonal_fisher(model, inputs, params=params, generator=torch.Generator().manual_seed(0)))
+        fishers.append(diagonal_fisher(model, inputs(), params=params, generator=torch.Generator().manual_seed(0)))
     model.load_state_dict(ref)
     return fishers[0], fishers[1]
 
 
-def read_sweep_logits(path: str | Path) -> tuple[list[float], dict[str, dict[str, Any]]]:
-    """Alphas and, per eval split, its labels, domain, split and logits per interpolation kind."""
-    with h5py.File(path, "r") as handle:
-        if not handle.attrs.get("complete"):
-            raise RuntimeError(f"{path}: incomplete sweep file")
-        alphas = [float(a) for a in handle.attrs["alphas"]]
-        interps = json.loads(handle.attrs["interpolations"])
-        splits = {}
-        for name, group in handle.items():
-            splits[name] = {"labels": group["labels"][...], "domain": group.attrs["domain"], "split": group.attrs["split"],
-                            "logits": {k: group[k][...] for k in interps}}
-    return alphas, splits
-
-
+# ------------------------------------------------------------------------------------------------ calibration
 def _absent_indices(run: dict[str, Any], class_names: Sequence[str]) -> list[int]:
     absent = run.get("absent_classes") or []
     return [class_names.index(c) for c in absent]
 
 
+def projection_columns(projection: EvalProjection, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(model columns, evaluation class of each) of a domain's projection: a class subset (ImageNet-R/-A), groups
+    whose logit is the max over their members (ObjectNet), or every column as itself."""
+    if projection.class_subset is not None:
+        columns = np.asarray(projection.class_subset, dtype=np.int64)
+        return columns, np.arange(columns.size)
+    if projection.groups is not None:
+        columns = np.concatenate([np.asarray(g, dtype=np.int64) for g in projection.groups])
+        return columns, np.repeat(np.arange(len(projection.groups)), [len(g) for g in projection.groups])
+    return np.arange(num_classes), np.arange(num_classes)
+
+
 def calibrate_stage(
+    *,
     manifest: str,
     run_json: str,
     sweep_logits_path: str,
@@ -156,118 +237,235 @@ def calibrate_stage(
     out_curve: str,
     pcv_fold_logits: Sequence[str] = (),
 ) -> None:
-    """Per alpha and calibration (none, ALG, PCV): metrics with bootstrap CIs on every eval split; the γ curves."""
+    """Per alpha and calibration (none, ALG, PCV): metrics with bootstrap CIs on every eval split; the γ curves.
+
+    γ is added to the absent classes' logits in the model's class space, before a domain's projection
+    (ImageNet-R/-A's class subset, ObjectNet's max over groups); an evaluation class is absent when all its model
+    classes are (:func:`robustft.calibration.projected_absent_mask`).
+    """
     _, meta = read_manifest(manifest)
     class_names = meta["class_names"]
     adapter = get_adapter(meta["dataset"])
     run = json.loads(Path(run_json).read_text())
-    alphas, splits = read_sweep_logits(sweep_logits_path)
     absent = _absent_indices(run, class_names)
     mask = absent_class_mask(len(class_names), absent)
-    source = f"{id_domain}_{gamma_source}"
-    if absent and source not in splits:
-        raise RuntimeError(f"{sweep_logits_path}: no {source} logits to choose gamma on")
     rows, curves = [], []
-    for interp in next(iter(splits.values()))["logits"]:
-        for ai, alpha in enumerate(alphas):
-            gammas: dict[str, float] = {"none": 0.0}
-            if absent:
-                src = splits[source]
-                gammas["alg"] = average_logit_gap(src["logits"][interp][ai], src["labels"], mask)
-                if pcv_fold_logits:
-                    gammas["pcv"] = _pcv_gamma(pcv_fold_logits, ai, mask)
-            for name, data in splits.items():
-                logits = adapter.projection(data["domain"]).apply(data["logits"][interp][ai])
-                labels = data["labels"]
-                eval_mask = mask if logits.shape[1] == len(class_names) else np.zeros(logits.shape[1], bool)
-                for calibration, gamma in gammas.items():
-                    calibrated = apply_logit_offset(logits, eval_mask, gamma) if gamma else logits
-                    pred = calibrated.argmax(1)
-                    groups = group_accuracies(pred, labels, eval_mask)
-                    correct = pred == labels
-                    low, high = bootstrap_ci(correct, bootstrap, ci_level, seed=0) if bootstrap else (np.nan, np.nan)
-                    rows.append({"eval_domain": data["domain"], "split": data["split"], "alpha": alpha,
-                                 "interpolation": interp, "calibration": calibration, "gamma": float(gamma),
-                                 "n": int(groups["n"]), "accuracy": float(groups["accuracy"]),
-                                 "accuracy_ci_low": float(low), "accuracy_ci_high": float(high),
-                                 "seen_accuracy": float(groups["seen_accuracy"]),
-                                 "absent_accuracy": float(groups["absent_accuracy"]),
-                                 "n_seen": int(groups["n_seen"]), "n_absent": int(groups["n_absent"]),
-                                 "correct": correct.astype(np.uint8).tobytes()})
-                if absent and eval_mask.any() and 0 < int(eval_mask[labels].sum()) < len(labels):
-                    curve = seen_absent_curve(logits, labels, eval_mask)
-                    area = ausuc(curve["seen_accuracy"], curve["absent_accuracy"])
-                    curve = curve.assign(eval_domain=data["domain"], split=data["split"], alpha=alpha,
-                                         interpolation=interp, ausuc=area)
-                    curves.append(curve)
-                    for row in rows[-len(gammas):]:
-                        row["ausuc"] = area
+    with open_sweep_logits(sweep_logits_path) as sweep:
+        source = _gamma_source(sweep, id_domain, gamma_source) if absent else None
+        folds = _open_folds(pcv_fold_logits, sweep.alphas) if absent else []
+        try:
+            for interp in sweep.interpolations:
+                for ai, alpha in enumerate(sweep.alphas):
+                    gammas: dict[str, float] = {"none": 0.0}
+                    if absent:
+                        gammas["alg"] = average_logit_gap(sweep.logits(source.name, interp, ai), source.labels, mask)
+                        if folds:
+                            gammas["pcv"] = _pcv_gamma(folds, ai, mask)
+                    for split in sweep.eval_splits():
+                        new_rows, curve = _score_split(sweep.logits(split.name, interp, ai), split, mask, gammas,
+                                                       adapter.projection(split.domain), bootstrap, ci_level)
+                        for row in new_rows:
+                            row.update(alpha=alpha, interpolation=interp)
+                        rows += new_rows
+                        if curve is not None:
+                            curves.append(curve.assign(eval_domain=split.domain, split=split.split, alpha=alpha,
+                                                       interpolation=interp))
+        finally:
+            for fold in folds:
+                fold.close()
     frame = pd.DataFrame(rows)
-    if "ausuc" not in frame:
-        frame["ausuc"] = np.nan
     identity = {"method": run["method"], "variant": run["variant"], "seed": int(run["seed"])}
     frame = frame.assign(**identity)
     curve_frame = pd.concat(curves, ignore_index=True).assign(**identity) if curves else pd.DataFrame(
-        columns=["gamma", "seen_accuracy", "absent_accuracy", "accuracy", "eval_domain", "split", "alpha",
-                 "interpolation", "ausuc", *identity])
+        columns=["gamma", "seen_accuracy", "absent_accuracy", "accuracy", "ausuc", "eval_domain", "split", "alpha",
+                 "interpolation", *identity])
     write_table(out_metrics, frame, {"run": identity, "absent_classes": run.get("absent_classes") or []})
     write_table(out_curve, curve_frame, {"run": identity})
 
 
-def _pcv_gamma(fold_paths: Sequence[str], alpha_index: int, absent_mask: np.ndarray) -> float:
-    """PCV γ at one alpha from the pseudo-absent fold models' ID-validation logits."""
+def _gamma_source(sweep, id_domain: str, gamma_source: str) -> LogitSplit:
+    """The split gamma is chosen on: the ID validation split, or the ID training sample (never a test split)."""
+    name = f"{id_domain}_{gamma_source}"
+    if name not in sweep.splits:
+        hint = " (the sweep evaluates an ID training sample only when calibration.gamma_source is train)" \
+            if gamma_source == "train" else ""
+        raise RuntimeError(f"{sweep.path}: no {name} logits to choose gamma on{hint}; rerun its sweep")
+    return sweep.splits[name]
+
+
+def _score_split(model_logits: np.ndarray, split: LogitSplit, mask: np.ndarray, gammas: Mapping[str, float],
+                 projection: EvalProjection, bootstrap: int, ci_level: float) -> tuple[list[dict], pd.DataFrame | None]:
+    """Metric rows per calibration of one split at one alpha, and its seen-vs-absent curve (None without both
+    seen- and absent-class examples)."""
+    columns, column_class = projection_columns(projection, mask.size)
+    n_eval = int(column_class.max()) + 1
+    eval_mask = projected_absent_mask(mask[columns], column_class, n_eval)
+    labels = split.labels
+    rows = []
+    for calibration, gamma in gammas.items():
+        calibrated = apply_logit_offset(model_logits, mask, gamma) if gamma else model_logits
+        pred = projection.apply(calibrated).argmax(1)
+        groups = group_accuracies(pred, labels, eval_mask)
+        correct = pred == labels
+        low, high = bootstrap_ci(correct, bootstrap, ci_level, seed=0) if bootstrap else (np.nan, np.nan)
+        rows.append({"eval_domain": split.domain, "split": split.split, "calibration": calibration,
+                     "gamma": float(gamma), "n": int(groups["n"]), "accuracy": float(groups["accuracy"]),
+                     "accuracy_ci_low": float(low), "accuracy_ci_high": float(high),
+                     "seen_accuracy": float(groups["seen_accuracy"]), "absent_accuracy": float(groups["absent_accuracy"]),
+                     "n_seen": int(groups["n_seen"]), "n_absent": int(groups["n_absent"]), "ausuc": np.nan,
+                     "correct": correct.astype(np.uint8).tobytes()})
+    sub_mask = mask[columns]
+    n_absent_examples = int(eval_mask[labels].sum())
+    if len(gammas) == 1 or not (sub_mask.any() and not sub_mask.all()) or not 0 < n_absent_examples < len(labels):
+        return rows, None
+    curve = seen_absent_curve(model_logits[:, columns], labels, sub_mask, column_class=column_class)
+    area = ausuc(curve["seen_accuracy"], curve["absent_accuracy"])
+    for row in rows:
+        row["ausuc"] = area
+    return rows, curve.assign(ausuc=area)
+
+
+def _open_folds(paths: Sequence[str], alphas: Sequence[float]) -> list:
+    folds = []
+    try:
+        for path in paths:
+            fold = open_fold_logits(path)
+            folds.append(fold)
+            if fold.alphas != list(alphas):
+                raise RuntimeError(f"{path}: alphas {fold.alphas} differ from the sweep's {list(alphas)}; rerun it")
+    except Exception:
+        for fold in folds:
+            fold.close()
+        raise
+    return folds
+
+
+def _pcv_gamma(folds: Sequence, alpha_index: int, absent_mask: np.ndarray) -> float:
+    """PCV γ at one alpha from the pseudo-absent fold models' ID-validation logits; each fold's floor is the
+    reference model's pseudo-absent accuracy (the file's ``reference`` logits, whatever the alpha grid)."""
     logits, labels, masks, floors = [], [], [], []
-    for path in fold_paths:
-        with h5py.File(path, "r") as handle:
-            if not handle.attrs.get("complete"):
-                raise RuntimeError(f"{path}: incomplete PCV logits file")
-            arrays = {k: handle[k][...] for k in ("logits", "labels", "pseudo_absent")}
-        fold_mask = arrays["pseudo_absent"].astype(bool) | absent_mask
-        keep = ~absent_mask[arrays["labels"]]  # truly absent classes have no ID training data to validate on
-        fold_logits = arrays["logits"][alpha_index][keep]
-        logits.append(fold_logits)
-        labels.append(arrays["labels"][keep])
-        masks.append(fold_mask)
-        reference = arrays["logits"][0][keep]  # alpha 0: the reference model's absent accuracy is the floor
-        pseudo = arrays["pseudo_absent"].astype(bool)[arrays["labels"][keep]]
-        floors.append(float((reference.argmax(1) == arrays["labels"][keep])[pseudo].mean()) if pseudo.any() else 0.0)
+    for fold in folds:
+        keep = ~absent_mask[fold.labels]  # truly absent classes have no ID training data to validate on
+        fold_labels = fold.labels[keep]
+        logits.append(fold.logits(alpha_index)[keep])
+        labels.append(fold_labels)
+        masks.append(fold.pseudo_absent | absent_mask)
+        pseudo = fold.pseudo_absent[fold_labels]
+        reference = fold.reference()[keep]
+        floors.append(float((reference.argmax(1) == fold_labels)[pseudo].mean()) if pseudo.any() else 0.0)
     return pseudo_cv_gamma(logits, labels, masks, floors)
 
 
-def summary_stage(
-    metrics_paths: Sequence[str], run_jsons: Sequence[str], backbone: str, dataset: str, id_domain: str,
-    ood_domains: Sequence[str], bootstrap: int, ci_level: float, out: str,
+def pcv_logits_stage(
+    *, manifest: str, backbone_spec: dict, run_json: str, parent_run_json: str, reference_head: str, val_pixels: str,
+    val_features: str, alphas: Sequence[float], batch_size: int, device: str, out: str,
 ) -> None:
-    """One row per (run, eval domain, alpha, calibration) plus the OOD average; seeds aggregated; alpha chosen on ID val."""
+    """A PCV fold model's ID-validation logits at every alpha, the reference model's, and its pseudo-absent mask."""
+    from robustft.training.run import load_run_state
+
+    _, meta = read_manifest(manifest)
+    class_names = meta["class_names"]
+    backbone = build_backbone(backbone_spec)
+    dev = resolve_device(device)
+    model = build_classifier(backbone, len(class_names))
+    ref = reference_state(model, reference_head)
+    record = json.loads(Path(run_json).read_text())
+    finetuned = load_run_state(Path(run_json).parent, ref)
+    fold_absent = set(record.get("absent_classes") or [])
+    true_absent = set(json.loads(Path(parent_run_json).read_text()).get("absent_classes") or [])
+    pseudo = np.array([c in fold_absent and c not in true_absent for c in class_names])
+    head_only = encoder_unchanged(ref, finetuned)
+    split = _checked_split("val", "", "val", val_pixels, val_features, expected_feature_attrs(meta, backbone),
+                           pixels_needed=not head_only)
+    alphas = [float(a) for a in alphas]
+    what = f"pcv_logits {record['method']}/{record['variant']}/seed{record['seed']}/{Path(run_json).parent.name}"
+    with fold_logits_writer(out, alphas=alphas, labels=split.labels, pseudo_absent=pseudo) as writer, \
+            ProgressLog(what, len(split.labels) * (len(alphas) + 1), "images") as progress:
+        for _, _, start, logits in sweep_logits(model, ref, ref, [0.0], [split], backbone.preprocessing, dev,
+                                                batch_size):
+            writer.write_reference(start, logits)
+            progress.update(logits.shape[0])
+        for alpha, _, start, logits in sweep_logits(model, ref, finetuned, alphas, [split], backbone.preprocessing,
+                                                    dev, batch_size):
+            writer.write(alpha, start, logits)
+            progress.update(logits.shape[0], alpha=alpha)
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def _check_studies(metrics: Sequence[str], runs: Sequence[str], studies: Sequence[Mapping[str, Any]]) -> None:
+    if not (len(metrics) == len(runs) == len(studies)):
+        raise ValueError(f"summary: {len(metrics)} metrics files, {len(runs)} run records and {len(studies)} studies; "
+                         "one study per metrics file expected")
+    for i, study in enumerate(studies):
+        missing = [k for k in STUDY_KEYS if k not in study]
+        if missing:
+            raise ValueError(f"summary: studies[{i}] lacks {missing} (keys: {list(STUDY_KEYS)})")
+    described: dict[str, Mapping[str, Any]] = {}
+    for study in studies:
+        fixed = {k: (list(v) if k == "ood_domains" else v) for k, v in study.items() if k in STUDY_KEYS}
+        if described.setdefault(study["study"], fixed) != fixed:
+            raise ValueError(f"summary: study {study['study']!r} is described two ways: {described[study['study']]} "
+                             f"and {fixed}")
+
+
+def summary_stage(
+    *,
+    metrics: Sequence[str],
+    runs: Sequence[str],
+    studies: Sequence[Mapping[str, Any]],
+    bootstrap: int,
+    ci_level: float,
+    out: str,
+) -> None:
+    """One row per (study, run, eval domain, alpha, calibration) plus the OOD average; alpha and variant chosen on ID
+    validation; seeds aggregated. ``studies[i]`` (keys :data:`STUDY_KEYS`) describes the study of ``metrics[i]``;
+    every grouping is within a study."""
+    _check_studies(metrics, runs, studies)
     frames = []
-    for metrics_path, run_json in zip(metrics_paths, run_jsons):
+    for metrics_path, run_json, study in zip(metrics, runs, studies):
         run = json.loads(Path(run_json).read_text())
         frame = read_table(metrics_path, ("eval_domain", "alpha", "calibration", "accuracy", "correct"))
         frame = frame.assign(
-            backbone=backbone, dataset=dataset, train_domain=id_domain,
-            protocol=(run.get("protocol") or {}).get("kind", "full"),
+            study=study["study"], backbone=study["backbone"], dataset=study["dataset"],
+            train_domain=study["id_domain"], protocol=(run.get("protocol") or {}).get("kind", "full"),
             trainable_params=run.get("trainable_parameters"), total_params=run.get("total_parameters"),
             checkpoint_bytes=(run.get("checkpoint") or {}).get("size_bytes"), train_seconds=run.get("wall_time_s"),
         )
-        frames.append(_with_ood_average(frame, ood_domains, bootstrap, ci_level))
+        frame = _with_ood_average(frame, study["ood_domains"], bootstrap, ci_level)
+        frame["is_ood"] = frame["eval_domain"].isin([*study["ood_domains"], "ood_average"])
+        frames.append(frame)
     summary = pd.concat(frames, ignore_index=True)
-    summary["is_ood"] = summary["eval_domain"].isin([*ood_domains, "ood_average"])
-    summary["selected_alpha"] = _selected_alpha(summary, id_domain)
-    keys = ["method", "variant", "eval_domain", "split", "alpha", "interpolation", "calibration"]
+    cell = ["study", "method", "variant", "seed", "eval_domain", "split", "alpha", "interpolation", "calibration"]
+    duplicated = summary[summary.duplicated(cell, keep=False)]
+    if len(duplicated):
+        first = duplicated.iloc[0]
+        raise ValueError(f"summary: two metrics files hold study {first['study']!r}, run {first['method']}/"
+                         f"{first['variant']}/seed{first['seed']}")
+    summary["selected_alpha"] = _selected_alpha(summary)
+    summary["selected_variant"], summary["oracle_variant"] = _variant_choices(summary)
+    keys = ["study", "method", "variant", "eval_domain", "split", "alpha", "interpolation", "calibration"]
     grouped = summary.groupby(keys)["accuracy"]
     summary["accuracy_seed_mean"] = grouped.transform("mean")
-    summary["accuracy_seed_std"] = grouped.transform(lambda s: float(s.std(ddof=1)) if len(s) > 1 else 0.0)
+    summary["accuracy_seed_std"] = grouped.transform(_seed_std)
     summary["n_seeds"] = grouped.transform("size").astype(int)
+    summary["selected_seed_mean"], summary["selected_seed_std"] = _selected_seed_spread(summary)
+    order = {study: i for i, study in enumerate(pd.unique(summary["study"]))}  # studies in the order given
     summary = summary[list(SUMMARY_COLUMNS)].sort_values(
-        ["method", "variant", "seed", "interpolation", "calibration", "alpha", "is_ood", "eval_domain"]).reset_index(drop=True)
-    write_table(out, summary, {"columns": list(SUMMARY_COLUMNS)})
+        ["study", "method", "variant", "seed", "interpolation", "calibration", "alpha", "is_ood", "eval_domain"],
+        key=lambda column: column.map(order) if column.name == "study" else column,
+    ).reset_index(drop=True)
+    write_table(out, summary, {"columns": list(SUMMARY_COLUMNS), "studies": [dict(s) for s in studies]})
+
+
+def _seed_std(values: pd.Series) -> float:
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def _with_ood_average(frame: pd.DataFrame, ood_domains: Sequence[str], bootstrap: int, ci_level: float) -> pd.DataFrame:
     """Append ``eval_domain='ood_average'`` rows: the mean of OOD test accuracies, its CI by resampling each domain."""
     tests = frame[(frame["split"] == "test") & frame["eval_domain"].isin(ood_domains)]
     extra = []
-    for key, group in tests.groupby(["alpha", "interpolation", "calibration"]):
+    for _, group in tests.groupby(["alpha", "interpolation", "calibration"]):
         if set(group["eval_domain"]) != set(ood_domains):
             continue
         corrects = [np.frombuffer(b, dtype=np.uint8).astype(bool) for b in group["correct"]]
@@ -295,47 +493,56 @@ def _mean_of_domains_ci(corrects: Sequence[np.ndarray], n_boot: int, level: floa
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def _selected_alpha(summary: pd.DataFrame, id_domain: str) -> pd.Series:
+_RUN_CHOICE = ["study", "method", "variant", "seed", "interpolation", "calibration"]
+
+
+def _id_val(summary: pd.DataFrame) -> pd.DataFrame:
+    return summary[(summary["eval_domain"] == summary["train_domain"]) & (summary["split"] == "val")]
+
+
+def _selected_alpha(summary: pd.DataFrame) -> np.ndarray:
     """True on rows whose alpha maximises ID *validation* accuracy for their run and calibration (ties: smaller alpha).
 
     Only the classes a run was fine-tuned on count (``seen_accuracy``; equal to ``accuracy`` without absent
     classes): a class-subset run must not choose its alpha with labels of the classes it never saw.
     """
-    val = summary[(summary["eval_domain"] == id_domain) & (summary["split"] == "val")]
-    best = (val.sort_values(["alpha"]).sort_values("seen_accuracy", ascending=False, kind="stable")
-            .drop_duplicates(["method", "variant", "seed", "interpolation", "calibration"])
-            [["method", "variant", "seed", "interpolation", "calibration", "alpha"]].assign(_best=True))
-    merged = summary.merge(best, on=["method", "variant", "seed", "interpolation", "calibration", "alpha"], how="left")
-    return merged["_best"].fillna(False).astype(bool).to_numpy()
+    best = (_id_val(summary).sort_values(["alpha"]).sort_values("seen_accuracy", ascending=False, kind="stable")
+            .drop_duplicates(_RUN_CHOICE)[[*_RUN_CHOICE, "alpha"]].assign(_best=True))
+    merged = summary.merge(best, on=[*_RUN_CHOICE, "alpha"], how="left")
+    return merged["_best"].astype("boolean").fillna(False).astype(bool).to_numpy()
 
 
-def pcv_logits_stage(
-    manifest: str, backbone_spec: dict, run_json: str, parent_run_json: str, reference_head: str, val_pixels: str,
-    val_features: str, alphas: Sequence[float], batch_size: int, device: str, out: str,
-) -> None:
-    """A PCV fold model's ID-validation logits at every alpha, with its pseudo-absent class mask."""
-    from robustft.training.run import load_run_state
+def _variant_choices(summary: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per (study, method, protocol, seed, interpolation, calibration): the variant chosen on ID validation and the
+    "oracle" variant chosen on OOD test, each variant at its own ID-validation-chosen alpha.
 
-    _, meta = read_manifest(manifest)
-    class_names = meta["class_names"]
-    backbone = build_backbone(backbone_spec)
-    model = build_classifier(backbone, len(class_names))
-    ref = reference_state(model, reference_head)
-    finetuned = load_run_state(Path(run_json).parent, ref)
-    fold_absent = set(json.loads(Path(run_json).read_text()).get("absent_classes") or [])
-    true_absent = set(json.loads(Path(parent_run_json).read_text()).get("absent_classes") or [])
-    pseudo = np.array([c in fold_absent and c not in true_absent for c in class_names])
-    feats = load_features(val_features, expected_feature_attrs(meta, backbone))
-    head_only = encoder_unchanged(ref, finetuned)
-    pixels = None if head_only else load_pixel_split(val_pixels)
-    split = EvalSplit("val", "", "val", feats["labels"].numpy(), pixels, feats["features"])
-    alphas = [float(a) for a in alphas]
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as handle:
-        handle["labels"] = split.labels
-        handle["pseudo_absent"] = pseudo
-        stack = handle.create_dataset("logits", shape=(len(alphas), len(split.labels), len(class_names)), dtype=np.float32)
-        for alpha, _, logits in sweep_logits(model, ref, finetuned, alphas, [split], backbone.preprocessing,
-                                             resolve_device(device), batch_size):
-            stack[alphas.index(alpha)] = logits
-        handle.attrs["alphas"] = np.asarray(alphas)
-        handle.attrs["complete"] = True
+    DomainBed's training-domain validation (``model_selection.py``): within each seed, the variant whose selected point
+    has the best ID-validation accuracy (seen classes; ties: ``default``, then the first name). The oracle takes
+    the best OOD-average test accuracy instead: not a valid selection (it looks at the test data), shown as the
+    upper reference that measures the selection gap. With one variant, both are that variant.
+    """
+    group = ["study", "method", "protocol", "seed", "interpolation", "calibration"]
+    at_alpha = summary[summary["selected_alpha"]]
+    picks = []
+    for column, rows, score in (("selected_variant", _id_val(at_alpha), "seen_accuracy"),
+                                ("oracle_variant", at_alpha[at_alpha["eval_domain"] == "ood_average"], "accuracy")):
+        ranked = rows.assign(_default=rows["variant"] != "default").sort_values(
+            [score, "_default", "variant"], ascending=[False, True, True], kind="stable")
+        picks.append(ranked.drop_duplicates(group)[[*group, "variant"]].assign(**{column: True}))
+    merged = summary.merge(picks[0], on=[*group, "variant"], how="left").merge(picks[1], on=[*group, "variant"],
+                                                                              how="left")
+    return tuple(merged[c].astype("boolean").fillna(False).astype(bool).to_numpy()
+                 for c in ("selected_variant", "oracle_variant"))
+
+
+def _selected_seed_spread(summary: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """On the rows of each seed's ID-validation-chosen alpha: the mean and s.d. over seeds of the accuracy, each seed
+    at its own chosen alpha (NaN on other rows). ``accuracy_seed_mean`` instead holds one alpha fixed."""
+    keys = ["study", "method", "variant", "eval_domain", "split", "interpolation", "calibration"]
+    chosen = summary[summary["selected_alpha"]]
+    grouped = chosen.groupby(keys)["accuracy"]
+    mean = pd.Series(np.nan, index=summary.index)
+    std = pd.Series(np.nan, index=summary.index)
+    mean[chosen.index] = grouped.transform("mean")
+    std[chosen.index] = grouped.transform(_seed_std)
+    return mean.to_numpy(), std.to_numpy()

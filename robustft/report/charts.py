@@ -74,6 +74,35 @@ def series_label(method: str, variant: str) -> str:
     return method if variant == "default" else f"{method} ({variant})"
 
 
+def studies_of(summary: pd.DataFrame) -> list[str]:
+    """The summary's studies in order of appearance (one unnamed study for a summary without a ``study`` column)."""
+    if "study" not in summary or summary.empty:
+        return [""]
+    return [str(s) for s in pd.unique(summary["study"])]
+
+
+def study_rows(summary: pd.DataFrame, study: str) -> pd.DataFrame:
+    """The rows of one study (every row where there is no ``study`` column)."""
+    return summary if "study" not in summary else summary[summary["study"] == study]
+
+
+def datasets_of(summary: pd.DataFrame) -> dict[str, list[str]]:
+    """Dataset -> its studies (backbones), in order of appearance."""
+    out: dict[str, list[str]] = {}
+    for study in studies_of(summary):
+        rows = study_rows(summary, study)
+        out.setdefault(str(rows["dataset"].iloc[0]) if "dataset" in rows and len(rows) else "", []).append(study)
+    return out
+
+
+def grid_groups(summary: pd.DataFrame) -> set[tuple[str, str]]:
+    """(method, protocol) pairs with several variants: a hyperparameter grid that variant selection chooses from."""
+    if "protocol" not in summary:
+        return set()
+    counts = summary.groupby(["method", "protocol"])["variant"].nunique()
+    return {key for key, n in counts.items() if n > 1}
+
+
 def id_domain_of(summary: pd.DataFrame) -> str:
     """The ID (training) domain of the summary."""
     domains = summary["train_domain"].dropna().unique()
@@ -105,6 +134,16 @@ def _note(text: str, title: str) -> alt.Chart:
             .encode(text="text:N").properties(width=520, height=60, title=title))
 
 
+def _stack(charts: Sequence[alt.TopLevelMixin], **options) -> alt.TopLevelMixin:
+    """One chart, or several stacked vertically (a study or dataset each)."""
+    return charts[0] if len(charts) == 1 else alt.vconcat(*charts, spacing=36, **options)
+
+
+def _panel_width(columns: int, legend: int = 200, page: int = 1280, axis: int = 90, widest: int = 250) -> int:
+    """Width of one facet panel so that ``columns`` panels, their axes and a legend fit a 1400 px page."""
+    return int(max(150, min(widest, (page - legend) / max(1, columns) - axis)))
+
+
 def _themed(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
     return (chart.configure(font=FONT)
             .configure_axis(labelFontSize=11, titleFontSize=12, gridColor="#e6e6e6", domainColor="#888")
@@ -115,17 +154,34 @@ def _themed(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
 
 
 # ------------------------------------------------------------------------------------------------- 1. ID vs OOD
+def variant_votes(summary: pd.DataFrame, column: str) -> dict[tuple[str, str], str]:
+    """(method, protocol) -> the variant most seeds chose by ``column`` (``selected_variant`` on ID validation,
+    ``oracle_variant`` on OOD test), for grids only (ties: ``default``, then the first name)."""
+    grids = grid_groups(summary)
+    if not grids or column not in summary:
+        return {}
+    runs = summary[summary[column].astype(bool)].drop_duplicates(["method", "protocol", "variant", "seed"])
+    votes = runs.groupby(["method", "protocol", "variant"]).size().reset_index(name="seeds")
+    votes["_default"] = votes["variant"] != "default"
+    votes = votes.sort_values(["seeds", "_default", "variant"], ascending=[False, True, True])
+    return {(m, p): v for m, p, v in votes.drop_duplicates(["method", "protocol"])[["method", "protocol", "variant"]]
+            .itertuples(index=False) if (m, p) in grids}
+
+
 def id_vs_ood_points(
     summary: pd.DataFrame,
     ood_domains: Sequence[str] | None = None,
     interpolation: str = "linear",
     calibration: str = "none",
 ) -> pd.DataFrame:
-    """One row per (method, variant, alpha, panel): ID-test and OOD accuracy, seed means with error bounds.
+    """One row per (method, variant, alpha, panel) of one study: ID-test and OOD accuracy, seed means with error
+    bounds.
 
     Error bounds are ±1 s.d. over seeds where a point has several seeds, else the 95% bootstrap CI. The reference
-    method appears once, at alpha 0. ``selected`` marks the alpha chosen on ID validation by most seeds; ``drawn``
-    the rows drawn as points (the reference once per panel), ``show_error`` those drawn with error bars.
+    method appears once, at alpha 0. ``selected`` marks the alpha chosen on ID validation by most seeds (for a grid of
+    variants, on the variant most seeds chose on ID validation only); ``oracle`` the same point of the variant the
+    oracle picked on OOD test (grids only; not a valid selection); ``drawn`` the rows drawn as points (the reference
+    once per panel), ``show_error`` those drawn with error bars.
     """
     rows = _base(summary, interpolation, calibration)
     id_domain = id_domain_of(summary)
@@ -144,7 +200,7 @@ def id_vs_ood_points(
     merged = merged[~is_ref | (merged["alpha"] == merged.loc[is_ref, "alpha"].min())].copy()
     if merged.empty:
         return pd.DataFrame(columns=["method", "variant", "series", "alpha", "panel", "panel_label", "kind", "id_acc",
-                                     "ood_acc", "id_lo", "id_hi", "ood_lo", "ood_hi", "n_seeds", "selected",
+                                     "ood_acc", "id_lo", "id_hi", "ood_lo", "ood_hi", "n_seeds", "selected", "oracle",
                                      "selected_seeds", "error"])
     group = merged.groupby(["method", "variant", "alpha", "panel"], sort=False)
     out = group.agg(id_acc=("id_acc", "mean"), ood_acc=("ood_acc", "mean"), id_sd=("id_acc", "std"),
@@ -167,9 +223,17 @@ def id_vs_ood_points(
     votes = out[out["panel"] == panels[-1]] if (out["panel"] == panels[-1]).any() else out
     votes = votes[~(votes["method"] == REFERENCE_METHOD)]
     best = (votes[votes["selected_seeds"] > 0].sort_values(["selected_seeds", "alpha"], ascending=[False, True])
-            .drop_duplicates(["method", "variant"])[["method", "variant", "alpha"]].assign(selected=True))
+            .drop_duplicates(["method", "variant"])[["method", "variant", "alpha"]].assign(best_alpha=True))
     out = out.merge(best, on=["method", "variant", "alpha"], how="left")
-    out["selected"] = out["selected"].astype("boolean").fillna(False).astype(bool)
+    best_alpha = out["best_alpha"].astype("boolean").fillna(False).astype(bool)
+    protocol = (rows.drop_duplicates(["method", "variant"]).set_index(["method", "variant"])["protocol"]
+                if "protocol" in rows else pd.Series(dtype=object))
+    chosen, oracle = variant_votes(summary, "selected_variant"), variant_votes(summary, "oracle_variant")
+    group_of = [(m, protocol.get((m, v), "full")) for m, v in zip(out["method"], out["variant"])]
+    in_grid = np.array([g in chosen for g in group_of], dtype=bool)
+    out["selected"] = best_alpha & (~in_grid | np.array([chosen.get(g) == v for g, v in zip(group_of, out["variant"])]))
+    out["oracle"] = best_alpha & in_grid & np.array([oracle.get(g) == v for g, v in zip(group_of, out["variant"])])
+    out = out.drop(columns="best_alpha")
     out["panel"] = pd.Categorical(out["panel"], categories=panels)
     out = out.sort_values(["panel", "method", "variant", "alpha"]).reset_index(drop=True)
     out["panel"] = out["panel"].astype(str)
@@ -188,26 +252,61 @@ def id_vs_ood_chart(
     summary: pd.DataFrame,
     ood_domains: Sequence[str] | None = None,
     columns: int = 4,
-    panel_size: tuple[int, int] = (250, 230),
+    panel_size: tuple[int, int] | None = None,
     interpolation: str = "linear",
     calibration: str = "none",
-) -> alt.FacetChart:
-    """ID vs OOD accuracy along every method's WiSE-FT path (alpha 0 → 1), one panel per OOD domain and the average."""
-    points = id_vs_ood_points(summary, ood_domains, interpolation, calibration)
-    if points.empty:
+) -> alt.TopLevelMixin:
+    """ID vs OOD accuracy along every method's WiSE-FT path (alpha 0 → 1), one panel per OOD domain and the average;
+    one block per dataset; where a dataset has several backbones, a column of panels per backbone."""
+    blocks = []
+    for index, (dataset, studies) in enumerate(datasets_of(summary).items()):
+        block = _id_vs_ood_dataset(summary, dataset, studies, ood_domains, columns, panel_size, interpolation,
+                                   calibration, index)
+        if block is not None:
+            blocks.append(block)
+    if not blocks:
         return _themed(_note("No ID/OOD test accuracies in the summary.", "ID vs OOD accuracy"))
-    id_domain = id_domain_of(summary)
+    chart = _stack(blocks)
+    if len(blocks) > 1:
+        chart = chart.resolve_scale(color="independent", shape="independent", size="independent",
+                                    strokeDash="independent")
+    return _themed(chart)
+
+
+def _id_vs_ood_dataset(summary, dataset, studies, ood_domains, columns, panel_size, interpolation, calibration,
+                       index) -> alt.TopLevelMixin | None:
+    frames = []
+    for study in studies:
+        rows = study_rows(summary, study)
+        points = id_vs_ood_points(rows, ood_domains, interpolation, calibration)
+        if len(points):
+            backbone = str(rows["backbone"].iloc[0]) if "backbone" in rows else study
+            frames.append(points.assign(study=study, backbone=backbone))
+    if not frames:
+        return None
+    points = pd.concat(frames, ignore_index=True)
+    several = len(frames) > 1
+    id_domain = id_domain_of(study_rows(summary, studies[0]))
     panel_order = [_domain_label(p) for p in pd.unique(points["panel"])]
+    backbones = list(pd.unique(points["backbone"]))
+    # several backbones: a column each, a row per OOD panel; else the panels side by side (wrapped)
+    n_columns = len(backbones) if several else min(columns, len(panel_order))
     colour = method_colours(summary["method"].unique())
     dashes = variant_dashes(points["variant"])
-    highlight = alt.selection_point(fields=["method"], bind="legend", name="pick_method")
+    labels = [*colour.domain, *dashes.domain, *POINT_KINDS]
+    legend = min(300, 60 + 7 * max(len(str(label)) for label in labels))
+    width, height = panel_size or (_panel_width(n_columns, legend=legend), 210)
+    tag = "" if index == 0 else f"_{index}"  # unique layer and parameter names per block of a concatenation
+    name = f"pick_method{tag}"
+    highlight = alt.selection_point(fields=["method"], bind="legend", name=name)
     fade = alt.condition(highlight, alt.value(1.0), alt.value(0.12))
     x = alt.X("id_acc:Q", title=f"ID test accuracy ({id_domain})", scale=alt.Scale(zero=False, nice=True),
               axis=alt.Axis(format=".1~%", tickCount=5, tickMinStep=0.01))
     y = alt.Y("ood_acc:Q", title="OOD test accuracy", scale=alt.Scale(zero=False, nice=True),
               axis=alt.Axis(format=".1~%", tickCount=5, tickMinStep=0.01))
     tooltip = [
-        alt.Tooltip("series:N", title="method"), alt.Tooltip("variant:N"), alt.Tooltip("panel_label:N", title="OOD"),
+        alt.Tooltip("series:N", title="method"), alt.Tooltip("variant:N"), alt.Tooltip("backbone:N"),
+        alt.Tooltip("panel_label:N", title="OOD"),
         alt.Tooltip("alpha:Q", title="α", format=".2f"), alt.Tooltip("id_acc:Q", title="ID acc", format=".2%"),
         alt.Tooltip("ood_acc:Q", title="OOD acc", format=".2%"), alt.Tooltip("n_seeds:Q", title="seeds"),
         alt.Tooltip("error:N", title="error bars"), alt.Tooltip("ood_lo:Q", title="OOD low", format=".2%"),
@@ -219,21 +318,21 @@ def id_vs_ood_chart(
     method_colour = alt.Color("method:N", scale=colour, title="method", legend=alt.Legend(
         values=trained_methods, orient="right", symbolType="stroke", symbolSize=300, symbolStrokeWidth=3,
         symbolOpacity=1))
-    paths = (alt.Chart().transform_filter(trained).mark_line(strokeWidth=2.2).properties(name="wise_paths")
-             .encode(x=x, y=y, order="alpha:Q", detail="series:N",
-                     color=method_colour, strokeDash=_dash(dashes),
+    detail = ["series:N", "backbone:N"]
+    paths = (alt.Chart().transform_filter(trained).mark_line(strokeWidth=2.2).properties(name=f"wise_paths{tag}")
+             .encode(x=x, y=y, order="alpha:Q", detail=detail, color=method_colour, strokeDash=_dash(dashes),
                      opacity=fade))
     x_bars = (alt.Chart().transform_filter("datum.show_error && isValid(datum.id_lo) && isValid(datum.id_hi)")
-              .mark_rule(strokeWidth=1.2).properties(name="id_error_bars")
+              .mark_rule(strokeWidth=1.2).properties(name=f"id_error_bars{tag}")
               .encode(x="id_lo:Q", x2="id_hi:Q", y=y, color=method_colour,
                       opacity=alt.condition(highlight, alt.value(0.55), alt.value(0.06))))
     y_bars = (alt.Chart().transform_filter("datum.show_error && isValid(datum.ood_lo) && isValid(datum.ood_hi)")
-              .mark_rule(strokeWidth=1.2).properties(name="ood_error_bars")
+              .mark_rule(strokeWidth=1.2).properties(name=f"ood_error_bars{tag}")
               .encode(x=x, y="ood_lo:Q", y2="ood_hi:Q", color=method_colour,
                       opacity=alt.condition(highlight, alt.value(0.55), alt.value(0.06))))
     kind_legend = alt.Legend(symbolFillColor="#555", symbolStrokeColor="white")
     marks = (alt.Chart().transform_filter(alt.datum.drawn)
-             .mark_point(filled=True, opacity=1, stroke="white", strokeWidth=0.8).properties(name="alpha_points")
+             .mark_point(filled=True, opacity=1, stroke="white", strokeWidth=0.8).properties(name=f"alpha_points{tag}")
              .encode(x=x, y=y,
                      color=alt.condition(f"datum.kind == '{POINT_KINDS[0]}'", alt.value("#222222"),
                                          method_colour),
@@ -244,58 +343,102 @@ def id_vs_ood_chart(
                      opacity=fade, tooltip=tooltip)
              .add_params(highlight))
     selected = (alt.Chart().transform_filter(alt.datum.selected)
-                .mark_point(shape="circle", filled=False, size=380, strokeWidth=2.2).properties(name="selected_points")
-                .encode(x=x, y=y, color=method_colour, opacity=fade,
-                        tooltip=tooltip))
-    ref_label = (alt.Chart().transform_filter(f"datum.drawn && datum.kind == '{POINT_KINDS[0]}'")
-                 .mark_text(align="left", baseline="top", dx=7, dy=5, fontSize=11, color="#222")
-                 .properties(name="reference_label")
-                 .encode(x=x, y=y, text=alt.value("reference")))
-    layered = alt.layer(x_bars, y_bars, paths, marks, selected, ref_label, data=points).properties(
-        width=panel_size[0], height=panel_size[1])
+                .mark_point(shape="circle", filled=False, size=380, strokeWidth=2.2).properties(name=f"selected_points{tag}")
+                .encode(x=x, y=y, color=method_colour, opacity=fade, tooltip=tooltip))
+    layers = [x_bars, y_bars, paths, marks, selected]
+    has_oracle = bool(points["oracle"].any())
+    if has_oracle:
+        oracle_tip = [alt.Tooltip("series:N", title="oracle pick (OOD test; not a valid selection)"), *tooltip[3:]]
+        layers.append(alt.Chart().transform_filter(alt.datum.oracle)
+                      .mark_point(shape="cross", filled=True, size=170, strokeWidth=0.8, stroke="white",
+                                  angle=45).properties(name=f"oracle_points{tag}")
+                      .encode(x=x, y=y, color=method_colour, opacity=fade, tooltip=oracle_tip))
+    layers.append(alt.Chart().transform_filter(f"datum.drawn && datum.kind == '{POINT_KINDS[0]}'")
+                  .mark_text(align="left", baseline="top", dx=7, dy=5, fontSize=11, color="#222")
+                  .properties(name=f"reference_label{tag}").encode(x=x, y=y, text=alt.value("reference")))
+    layered = alt.layer(*layers, data=points).properties(width=width, height=height)
     errors = sorted(set(points.loc[points["show_error"], "error"]) - {"none"})
     if "95% bootstrap CI" in errors and (~points["show_error"] & points["drawn"]).any():
         errors[errors.index("95% bootstrap CI")] = "95% bootstrap CI (at α = 0, α = 1 and the chosen α)"
     subtitle = [
         "Each line is one method's WiSE-FT path from the reference model (α = 0, black square) to the fine-tuned "
         "model (α = 1, diamond);",
-        f"the ring marks the α chosen on ID validation. Error bars: {' or '.join(errors) if errors else 'none'}.",
+        "the ring marks the α chosen on ID validation" + (
+            " (for a grid of variants, on the variant chosen on ID validation; ✕: the variant an oracle picks on OOD "
+            "test, not a valid selection)" if has_oracle else "") + ".",
+        f"Error bars: {' or '.join(errors) if errors else 'none'}.",
     ]
-    chart = layered.facet(
-        facet=alt.Facet("panel_label:N", sort=panel_order, title=None,
-                        header=alt.Header(labelFontSize=13, labelFontWeight="bold", labelPadding=6)),
-        columns=min(columns, len(panel_order)),
-        title=alt.Title("ID vs OOD accuracy along the WiSE-FT interpolation path", subtitle=subtitle),
-    ).resolve_scale(y="independent", x="independent")
-    return _themed(chart)
+    title = "ID vs OOD accuracy along the WiSE-FT interpolation path"
+    if len(datasets_of(summary)) > 1 or several:
+        title += f": {dataset}" + (" (one column per backbone)" if several else "")
+    header = alt.Header(labelFontSize=13, labelFontWeight="bold", labelPadding=6)
+    if several:
+        chart = layered.facet(
+            column=alt.Column("backbone:N", sort=backbones, title=None, header=header),
+            row=alt.Row("panel_label:N", sort=panel_order, title=None,
+                        header=alt.Header(labelFontSize=13, labelFontWeight="bold", labelAngle=-90)),
+            title=alt.Title(title, subtitle=subtitle))
+    else:
+        chart = layered.facet(facet=alt.Facet("panel_label:N", sort=panel_order, title=None, header=header),
+                              columns=n_columns, title=alt.Title(title, subtitle=subtitle))
+    return chart.resolve_scale(y="independent", x="independent")
 
 
 # ---------------------------------------------------------------------------------------------- 2. leaderboard
+POINT_LAST = "fine-tuned (α = 1)"
+POINT_CHOSEN = "WiSE-FT (α chosen on ID val)"
+POINT_REFERENCE = "reference"
+POINT_SELECTED_VARIANT = "variant and α chosen on ID val"
+POINT_ORACLE_VARIANT = "oracle: variant chosen on OOD test (not a valid selection)"
+_POINT_ORDER = {POINT_SELECTED_VARIANT: 0, POINT_ORACLE_VARIANT: 1, POINT_LAST: 2, POINT_CHOSEN: 3, POINT_REFERENCE: 4}
+
+
+def _joined(values: Iterable) -> str:
+    return "/".join(str(v) for v in sorted(set(values), key=lambda v: (v != "default", v)))
+
+
 def leaderboard(
     summary: pd.DataFrame,
     ood_domains: Sequence[str] | None = None,
     interpolation: str = "linear",
     calibration: str = "none",
 ) -> pd.DataFrame:
-    """Per method/variant, at alpha = 1 and at the alpha chosen on ID validation: ID, OOD average and per-domain
-    test accuracy (seed means, with the seed s.d. in ``*_sd`` columns), trainable parameters, checkpoint size and
-    training time. The reference method has one row. Sorted by OOD average, best first, reference on top.
+    """One study's leaderboard. Per method/variant, at alpha = 1 and at the alpha each seed chose on ID validation:
+    ID, OOD average and per-domain test accuracy (mean over seeds, each seed at its own point; the seed s.d. in
+    ``*_sd`` columns), trainable parameters, checkpoint size and training time. The reference method has one row.
+
+    Where a method has several variants under one protocol (a grid), two rows come first: the variant (and alpha)
+    chosen on ID validation within each seed (DomainBed's training-domain validation), and the oracle's pick on OOD
+    test, which is not a valid selection and shows the selection gap. Entries are ranked by OOD average at the
+    chosen point (a grid by its ID-validation pick), best first, the reference on top.
     """
     rows = _base(summary, interpolation, calibration)
     id_domain = id_domain_of(summary)
     domains = [id_domain, OOD_AVERAGE, *ood_domains_of(summary, ood_domains)]
     rows = rows[rows["eval_domain"].isin(domains)]
+    if "protocol" not in rows:
+        rows = rows.assign(protocol="full")
     keys = ["method", "variant", "seed"]
-    last = rows[rows["alpha"] == rows.groupby(keys)["alpha"].transform("max")].assign(point="fine-tuned (α = 1)")
-    chosen = rows[rows["selected_alpha"].astype(bool)].assign(point="WiSE-FT (α chosen on ID val)")
-    both = pd.concat([last, chosen[chosen["method"] != REFERENCE_METHOD]], ignore_index=True)
-    both.loc[both["method"] == REFERENCE_METHOD, "point"] = "reference"
-    wide = both.pivot_table(index=[*keys, "point", "alpha"], columns="eval_domain", values="accuracy").reset_index()
-    costs = (rows.groupby(keys)[["trainable_params", "total_params", "checkpoint_bytes", "train_seconds"]]
-             .first().reset_index())
-    wide = wide.merge(costs, on=keys, how="left")
-    group = wide.groupby(["method", "variant", "point"], sort=False)
-    table = group.agg(seeds=("seed", "nunique"),
+    grids = grid_groups(summary)
+    last = rows[rows["alpha"] == rows.groupby(keys)["alpha"].transform("max")].assign(point=POINT_LAST)
+    chosen = rows[rows["selected_alpha"].astype(bool) & (rows["method"] != REFERENCE_METHOD)]
+    parts = [last, chosen.assign(point=POINT_CHOSEN)]
+    in_grid = pd.Series([(m, p) in grids for m, p in zip(chosen["method"], chosen["protocol"])], index=chosen.index,
+                        dtype=bool)
+    for column, point in (("selected_variant", POINT_SELECTED_VARIANT), ("oracle_variant", POINT_ORACLE_VARIANT)):
+        if column in chosen:
+            picked = chosen[in_grid & chosen[column].astype(bool)]
+            parts.append(picked.assign(point=point))
+    both = pd.concat(parts, ignore_index=True)
+    both.loc[both["method"] == REFERENCE_METHOD, "point"] = POINT_REFERENCE
+    both["entry"] = np.where(both["point"].isin([POINT_SELECTED_VARIANT, POINT_ORACLE_VARIANT]), "", both["variant"])
+    index = ["method", "protocol", "entry", "point", "seed"]
+    wide = both.pivot_table(index=index, columns="eval_domain", values="accuracy").reset_index()
+    labels = both.groupby(index).agg(variant=("variant", "first"), alpha=("alpha", "first")).reset_index()
+    costs = both.groupby(index)[["trainable_params", "total_params", "checkpoint_bytes", "train_seconds"]].first()
+    wide = wide.merge(labels, on=index).merge(costs.reset_index(), on=index)
+    group = wide.groupby(["method", "protocol", "entry", "point"], sort=False)
+    table = group.agg(variant=("variant", _joined), seeds=("seed", "nunique"),
                       alpha=("alpha", lambda a: "/".join(f"{v:g}" for v in sorted(set(a)))),
                       **{d: (d, "mean") for d in domains if d in wide},
                       **{f"{d}_sd": (d, "std") for d in domains if d in wide},
@@ -303,13 +446,80 @@ def leaderboard(
                       checkpoint_bytes=("checkpoint_bytes", "mean"), train_seconds=("train_seconds", "mean"))
     table = table.reset_index()
     table = table.rename(columns={id_domain: "id", f"{id_domain}_sd": "id_sd"})
-    ranking = table[table["point"] != "fine-tuned (α = 1)"].set_index(["method", "variant"])
-    rank_key = ranking[OOD_AVERAGE] if OOD_AVERAGE in ranking else ranking["id"]
-    order = table.apply(lambda r: (r["method"] != REFERENCE_METHOD, -rank_key.get((r["method"], r["variant"]), 0.0),
-                                   r["point"] != "fine-tuned (α = 1)"), axis=1)
-    table = table.loc[sorted(table.index, key=lambda i: order[i])].reset_index(drop=True)
+    score_col = OOD_AVERAGE if OOD_AVERAGE in table else "id"
+    score = {(r.method, r.protocol, r.entry, r.point): r[score_col] for _, r in table.iterrows()}
+
+    def entry_score(method, protocol, entry):
+        point = POINT_REFERENCE if method == REFERENCE_METHOD else POINT_CHOSEN
+        return score.get((method, protocol, entry, point), 0.0)
+
+    def sort_key(i):
+        r = table.loc[i]
+        grid = (r["method"], r["protocol"]) in grids
+        block = (-score.get((r["method"], r["protocol"], "", POINT_SELECTED_VARIANT), 0.0) if grid
+                 else -entry_score(r["method"], r["protocol"], r["entry"]))
+        inner = (r["entry"] != "", -entry_score(r["method"], r["protocol"], r["entry"]), r["entry"])
+        return (r["method"] != REFERENCE_METHOD, block, r["method"], r["protocol"], *inner, _POINT_ORDER[r["point"]])
+
+    table = table.loc[sorted(table.index, key=sort_key)].reset_index(drop=True)
+    table = table.drop(columns="entry")
     table.attrs.update(id_domain=id_domain, ood_domains=[d for d in domains[2:] if d in table])
     return table
+
+
+def leaderboards(summary: pd.DataFrame, ood_domains: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Study -> its :func:`leaderboard`."""
+    return {study: leaderboard(study_rows(summary, study), ood_domains) for study in studies_of(summary)}
+
+
+def backbone_leaderboard(summary: pd.DataFrame, interpolation: str = "linear", calibration: str = "none"
+                         ) -> pd.DataFrame:
+    """Across backbones, per dataset: each method's ID and OOD-average test accuracy (seed means, each seed at the
+    variant and alpha it chose on ID validation) for every backbone of the dataset; one row per (dataset, method)."""
+    rows = _base(summary, interpolation, calibration)
+    if "study" not in rows:
+        rows = rows.assign(study="")
+    rows = rows[(rows["eval_domain"] == rows["train_domain"]) | (rows["eval_domain"] == OOD_AVERAGE)]
+    picked = rows[rows["selected_alpha"].astype(bool)]
+    if "selected_variant" in picked:
+        picked = picked[picked["selected_variant"].astype(bool)]
+    picked = picked.assign(measure=np.where(picked["eval_domain"] == OOD_AVERAGE, "OOD avg", "ID"))
+    runs = picked.groupby(["dataset", "backbone", "method", "measure", "seed"]).agg(
+        accuracy=("accuracy", "mean"), variant=("variant", "first")).reset_index()
+    cells = runs.groupby(["dataset", "backbone", "method", "measure"]).agg(
+        accuracy=("accuracy", "mean"), sd=("accuracy", "std"), seeds=("seed", "nunique"),
+        variant=("variant", _joined)).reset_index()
+    order = {m: i for i, m in enumerate(method_order(cells["method"]))}
+    datasets = {d: i for i, d in enumerate(pd.unique(rows["dataset"]))}  # as the summary lists them
+    cells["_order"], cells["_dataset"] = cells["method"].map(order), cells["dataset"].map(datasets)
+    table = cells.sort_values(["_dataset", "_order", "backbone", "measure"]).drop(columns=["_order", "_dataset"])
+    table.attrs["backbones"] = {d: list(pd.unique(g["backbone"])) for d, g in
+                                rows.drop_duplicates(["dataset", "backbone"]).groupby("dataset", sort=False)}
+    return table.reset_index(drop=True)
+
+
+def backbone_leaderboard_display(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Dataset -> a table with one row per method and, per backbone, its ID and OOD-average accuracy in %."""
+    out = {}
+    for dataset, rows in table.groupby("dataset", sort=False):
+        backbones = table.attrs.get("backbones", {}).get(dataset) or list(pd.unique(rows["backbone"]))
+        shown = []
+        for method in method_order(rows["method"]):
+            entry = {"method": method}
+            for backbone in backbones:
+                for measure in ("ID", "OOD avg"):
+                    cell = rows[(rows["method"] == method) & (rows["backbone"] == backbone)
+                                & (rows["measure"] == measure)]
+                    if cell.empty:
+                        entry[f"{backbone} {measure}"] = "–"
+                        continue
+                    c = cell.iloc[0]
+                    spread = c["seeds"] > 1 and pd.notna(c["sd"]) and method != REFERENCE_METHOD
+                    entry[f"{backbone} {measure}"] = (f"{100 * c['accuracy']:.1f} ± {100 * c['sd']:.1f}" if spread
+                                                      else f"{100 * c['accuracy']:.1f}")
+            shown.append(entry)
+        out[str(dataset)] = pd.DataFrame(shown)
+    return out
 
 
 def leaderboard_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -371,9 +581,14 @@ def leaderboard_text(table: pd.DataFrame) -> str:
     shown = leaderboard_display(table)
     if shown.empty:
         return "(no runs in the summary)\n"
+    return plain_table(shown)
+
+
+def plain_table(shown: pd.DataFrame, text_cols: Iterable[str] = ("method", "variant", "weights")) -> str:
+    """A display table as aligned plain text: text columns left, numbers right."""
+    text_cols = set(text_cols)
     cells = [list(map(str, shown.columns))] + [[str(v) for v in row] for row in shown.itertuples(index=False)]
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    text_cols = {"method", "variant", "weights"}
 
     def line(row):
         return "  ".join(c.ljust(w) if shown.columns[i] in text_cols else c.rjust(w)
@@ -381,6 +596,19 @@ def leaderboard_text(table: pd.DataFrame) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *map(line, cells[1:])]) + "\n"
+
+
+def leaderboards_text(summary: pd.DataFrame, ood_domains: Sequence[str] | None = None) -> str:
+    """Every study's leaderboard (a heading each where there are several), then the across-backbone tables."""
+    boards = leaderboards(summary, ood_domains)
+    if len(boards) == 1:
+        return leaderboard_text(next(iter(boards.values())))
+    parts = [f"== {study}\n{leaderboard_text(table)}" for study, table in boards.items()]
+    across = backbone_leaderboard_display(backbone_leaderboard(summary))
+    for dataset, shown in across.items():
+        if len(shown.columns) > 3:  # several backbones
+            parts.append(f"== {dataset}: across backbones (variant and α chosen on ID val)\n{plain_table(shown)}")
+    return "\n".join(parts)
 
 
 # ------------------------------------------------------------------------------------- 3. calibration (absent classes)
@@ -392,10 +620,26 @@ def has_absent_classes(summary: pd.DataFrame, curves: pd.DataFrame | None = None
 
 def calibration_chart(summary: pd.DataFrame, curves: pd.DataFrame, ood_domains: Sequence[str] | None = None,
                       interpolation: str = "linear") -> alt.TopLevelMixin:
-    """Seen- vs absent-class accuracy over the logit offset γ (ID test, α = 1); accuracy before/after the chosen γ."""
+    """Seen- vs absent-class accuracy over the logit offset γ (ID test, α = 1) above the accuracy before and after
+    the chosen γ; one block per study with absent classes."""
     title = "Logit-scale calibration for classes absent from fine-tuning"
-    if not has_absent_classes(summary, curves):
+    curves = curves if curves is not None else pd.DataFrame()
+    blocks = []
+    studies = studies_of(summary)
+    for study in studies:
+        rows = study_rows(summary, study)
+        own = curves if curves.empty or "study" not in curves else curves[curves["study"] == study]
+        if has_absent_classes(rows, own if len(studies) > 1 else curves):
+            heading = f"{title}: {study}" if len(studies) > 1 else title
+            tag = f"_{len(blocks)}" if blocks else ""
+            blocks.append(_calibration_block(rows, own, ood_domains, interpolation, heading, tag))
+    if not blocks:
         return _themed(_note("No run has classes absent from its fine-tuning data: nothing to calibrate.", title))
+    return _themed(_stack(blocks))
+
+
+def _calibration_block(summary: pd.DataFrame, curves: pd.DataFrame, ood_domains: Sequence[str] | None,
+                       interpolation: str, title: str, tag: str = "") -> alt.TopLevelMixin:
     id_domain = id_domain_of(summary)
     colour = method_colours(summary["method"].unique())
     absent_runs = summary[pd.to_numeric(summary["n_absent"], errors="coerce").fillna(0) > 0][
@@ -419,7 +663,7 @@ def calibration_chart(summary: pd.DataFrame, curves: pd.DataFrame, ood_domains: 
         chosen["calibration_label"] = chosen["calibration"].map(lambda c: CALIBRATION_LABELS.get(c, c))
         axis = dict(format=".1~%", tickCount=5, tickMinStep=0.01)
         legend = _method_legend(curve["method"])
-        lines = (alt.Chart(curve).mark_line(strokeWidth=2).properties(name="calibration_curves")
+        lines = (alt.Chart(curve).mark_line(strokeWidth=2).properties(name=f"calibration_curves{tag}")
                  .encode(x=alt.X("seen_accuracy:Q", title="seen-class accuracy", axis=alt.Axis(**axis)),
                          y=alt.Y("absent_accuracy:Q", title="absent-class accuracy", axis=alt.Axis(**axis)),
                          order="gamma:Q", detail="run:N",
@@ -430,7 +674,7 @@ def calibration_chart(summary: pd.DataFrame, curves: pd.DataFrame, ood_domains: 
                                   alt.Tooltip("absent_accuracy:Q", format=".2%"),
                                   alt.Tooltip("ausuc:Q", title="AUSUC", format=".3f")]))
         dots = (alt.Chart(chosen).mark_point(filled=True, size=110, stroke="white", strokeWidth=0.8)
-                .properties(name="calibration_chosen")
+                .properties(name=f"calibration_chosen{tag}")
                 .encode(x="seen_accuracy:Q", y="absent_accuracy:Q",
                         color=alt.Color("method:N", scale=colour, title="method", legend=legend),
                         shape=alt.Shape("calibration_label:N", title="γ chosen by",
@@ -444,12 +688,12 @@ def calibration_chart(summary: pd.DataFrame, curves: pd.DataFrame, ood_domains: 
             width=300, height=300,
             title=alt.Title(f"Seen vs absent classes over γ ({id_domain} test, α = 1)",
                             subtitle="γ is added to absent-class logits; marks: γ chosen by ALG / PCV, and γ = 0")))
-    charts.append(_calibration_gain(summary, absent_runs, ood_domains, colour, dashes, interpolation))
-    chart = alt.hconcat(*charts, spacing=40, title=alt.Title(title)).resolve_scale(color="shared", shape="independent")
-    return _themed(chart)
+    charts.append(_calibration_gain(summary, absent_runs, ood_domains, colour, dashes, interpolation, tag))
+    # stacked, not side by side: the gain panels alone are as wide as a page
+    return alt.vconcat(*charts, spacing=30, title=alt.Title(title)).resolve_scale(color="shared", shape="independent")
 
 
-def _calibration_gain(summary, absent_runs, ood_domains, colour, dashes, interpolation) -> alt.FacetChart:
+def _calibration_gain(summary, absent_runs, ood_domains, colour, dashes, interpolation, tag="") -> alt.FacetChart:
     """Accuracy (all, seen, absent classes) with no calibration, ALG and PCV at alpha = 1, per eval domain."""
     id_domain = id_domain_of(summary)
     domains = [id_domain, *ood_domains_of(summary, ood_domains), OOD_AVERAGE]
@@ -477,9 +721,9 @@ def _calibration_gain(summary, absent_runs, ood_domains, colour, dashes, interpo
         detail="series:N")
     tooltip = ["series:N", "domain:N", "measure:N", alt.Tooltip("calibration_label:N", title="calibration"),
                alt.Tooltip("mean:Q", title="accuracy", format=".2%"), alt.Tooltip("count:Q", title="seeds")]
-    lines = base.mark_line(strokeWidth=1.8).properties(name="calibration_gain_lines").encode(
+    lines = base.mark_line(strokeWidth=1.8).properties(name=f"calibration_gain_lines{tag}").encode(
         strokeDash=_dash(dashes))
-    dots = base.mark_point(filled=True, size=55).properties(name="calibration_gain_points").encode(tooltip=tooltip)
+    dots = base.mark_point(filled=True, size=55).properties(name=f"calibration_gain_points{tag}").encode(tooltip=tooltip)
     return alt.layer(lines, dots, data=long).properties(width=100, height=100).facet(
         row=alt.Row("measure:N", sort=["all classes", "seen classes", "absent classes"], title=None,
                     header=alt.Header(labelAngle=0, labelAlign="left", labelFontWeight="bold")),
@@ -516,11 +760,27 @@ def accuracy_change(summary: pd.DataFrame, ood_domains: Sequence[str] | None = N
 
 
 def accuracy_change_chart(summary: pd.DataFrame, ood_domains: Sequence[str] | None = None) -> alt.TopLevelMixin:
-    """Heatmap methods × domains: change in test accuracy from the reference model at alpha = 1, labelled."""
-    data = accuracy_change(summary, ood_domains)
+    """Heatmap methods × domains: change in test accuracy from the reference model at alpha = 1, labelled; one
+    heatmap per study."""
     title = "Change in test accuracy from the reference model (α = 1, no calibration)"
-    if data.empty:
+    studies = studies_of(summary)
+    blocks = []
+    for study in studies:
+        block = _accuracy_change_block(study_rows(summary, study), ood_domains,
+                                       f"{title}: {study}" if len(studies) > 1 else title,
+                                       f"_{len(blocks)}" if blocks else "")
+        if block is not None:
+            blocks.append(block)
+    if not blocks:
         return _themed(_note("No fine-tuned runs in the summary.", title))
+    return _themed(_stack(blocks).resolve_scale(color="independent") if len(blocks) > 1 else blocks[0])
+
+
+def _accuracy_change_block(summary: pd.DataFrame, ood_domains: Sequence[str] | None, title: str, tag: str = ""
+                           ) -> alt.TopLevelMixin | None:
+    data = accuracy_change(summary, ood_domains)
+    if data.empty:
+        return None
     data["change_pp"] = 100 * data["change"]
     limit = max(1.0, float(np.nanmax(np.abs(data["change_pp"])))) if data["change_pp"].notna().any() else 1.0
     order = []
@@ -533,7 +793,7 @@ def accuracy_change_chart(summary: pd.DataFrame, ood_domains: Sequence[str] | No
         x=alt.X("domain:N", sort=data.attrs["domain_order"], title=None,
                 axis=alt.Axis(orient="top", labelAngle=0, labelFontWeight="bold", domain=False, ticks=False)),
         y=alt.Y("series:N", sort=order, title=None, axis=alt.Axis(domain=False, ticks=False, labelFontSize=12)))
-    cells = base.mark_rect(stroke="white", strokeWidth=1.5).properties(name="heat_cells").encode(
+    cells = base.mark_rect(stroke="white", strokeWidth=1.5).properties(name=f"heat_cells{tag}").encode(
         color=alt.Color("change_pp:Q", title="Δ accuracy (points)",
                         scale=alt.Scale(scheme="redblue", domain=[-limit, limit], domainMid=0),
                         legend=alt.Legend(orient="right", gradientLength=160, format="+.0f")),
@@ -541,7 +801,7 @@ def accuracy_change_chart(summary: pd.DataFrame, ood_domains: Sequence[str] | No
                  alt.Tooltip("accuracy:Q", title="accuracy", format=".2%"),
                  alt.Tooltip("reference:Q", title="reference", format=".2%"),
                  alt.Tooltip("change_pp:Q", title="Δ (points)", format="+.2f")])
-    labels = base.mark_text(fontSize=12).properties(name="heat_labels").encode(
+    labels = base.mark_text(fontSize=12).properties(name=f"heat_labels{tag}").encode(
         text=alt.Text("change_pp:Q", format="+.1f"),
         color=alt.condition(f"abs(datum.change_pp) > {0.6 * limit}", alt.value("white"), alt.value("#222")))
     n_rows, n_cols = len(order), len(data.attrs["domain_order"])
@@ -549,7 +809,7 @@ def accuracy_change_chart(summary: pd.DataFrame, ood_domains: Sequence[str] | No
         width=max(300, 95 * n_cols), height=max(60, 30 * n_rows),
         title=alt.Title(title, subtitle=f"Reference accuracy: {ref_text}. Blue: better than the reference; "
                                         "red: worse."))
-    return _themed(chart)
+    return chart
 
 
 # ------------------------------------------------------------------------------------------- 5. training curves
@@ -562,11 +822,14 @@ def training_curves(logs: pd.DataFrame, max_points: int = 400) -> pd.DataFrame:
     measures = {"loss": "loss (total)", **{t: f"loss: {t[5:]}" for t in terms if t != "loss"}}
     if "val_accuracy" in logs:
         measures["val_accuracy"] = "ID val accuracy"
-    long = logs.melt(id_vars=["method", "variant", "seed", "step"], value_vars=list(measures), var_name="column",
+    ids = ["method", "variant", "seed", "step", *(["study"] if "study" in logs else [])]
+    long = logs.melt(id_vars=ids, value_vars=list(measures), var_name="column",
                      value_name="value").dropna(subset=["value"])
     long["measure"] = long["column"].map(measures)
     long["series"] = [series_label(m, v) for m, v in zip(long["method"], long["variant"])]
     long["run"] = long["series"] + " seed " + long["seed"].astype(str)
+    if "study" in long and long["study"].nunique() > 1:  # the same run names in several studies
+        long["run"] = long["study"].astype(str) + ": " + long["run"]
     long = _thin(long, ["run", "measure"], max_points, order="step")
     long.attrs["measure_order"] = list(measures.values())
     return long.drop(columns="column").reset_index(drop=True)

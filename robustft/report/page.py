@@ -64,6 +64,9 @@ table.leaderboard th { background: #f4f4f4; text-align: center; position: sticky
 table.leaderboard td.num { text-align: right; }
 table.leaderboard tr.reference td { background: #fafafa; font-style: italic; }
 table.leaderboard tr.first td { border-top: 1px solid #bbb; }
+table.leaderboard tr.oracle td { color: #777; font-style: italic; }
+div.table { overflow-x: auto; max-width: 100%; }
+h3 { font-size: 1.08em; margin-top: 1.6em; }
 span.swatch { display: inline-block; width: 0.8em; height: 0.8em; border-radius: 2px; margin-right: 0.4em; }
 div.chart { margin: 0.8em 0; overflow-x: auto; }
 div.chart[data-status="error"] { color: #b00; }
@@ -97,20 +100,34 @@ def run_identity(path: str | Path) -> dict[str, Any]:
     return {"method": match["method"], "variant": match["variant"], "seed": int(match["seed"])}
 
 
-def load_curves(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """Every run's calibration curve in one table (runs without absent classes contribute no rows)."""
-    frames = [read_table(p) for p in paths]
-    frames = [f for f in frames if len(f)]
+def _studies_for(paths: Sequence[str | Path], studies: Sequence[str] | None) -> list[str | None]:
+    if studies is None:
+        return [None] * len(paths)
+    if len(studies) != len(paths):
+        raise ValueError(f"report: {len(studies)} run studies for {len(paths)} run files; one study per run expected")
+    return list(studies)
+
+
+def load_curves(paths: Sequence[str | Path], studies: Sequence[str] | None = None) -> pd.DataFrame:
+    """Every run's calibration curve in one table (runs without absent classes contribute no rows); ``studies[i]``,
+    when given, is the study of ``paths[i]`` (a ``study`` column)."""
+    frames = []
+    for path, study in zip(paths, _studies_for(paths, studies)):
+        frame = read_table(path)
+        if len(frame):
+            frames.append(frame if study is None else frame.assign(study=study))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def load_train_logs(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """Every run's per-step train log in one table, with ``method``, ``variant``, ``seed`` from the run's folder."""
+def load_train_logs(paths: Sequence[str | Path], studies: Sequence[str] | None = None) -> pd.DataFrame:
+    """Every run's per-step train log in one table, with ``method``, ``variant``, ``seed`` from the run's folder
+    (and ``study`` from ``studies[i]`` when given)."""
     frames = []
-    for path in paths:
+    for path, study in zip(paths, _studies_for(paths, studies)):
         frame = read_table(path)
         if len(frame) and "step" in frame:
-            frames.append(frame.assign(**run_identity(path)))
+            frame = frame.assign(**run_identity(path))
+            frames.append(frame if study is None else frame.assign(study=study))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -143,16 +160,27 @@ def write_report(
     config: Mapping[str, Any] | None = None,
     out_dir: str | Path = "results/report",
     png_scale: float = 2.0,
+    run_studies: Sequence[str] | None = None,
 ) -> dict[str, Path]:
-    """Write ``index.html``, ``<chart>.png`` and ``<chart>.vl.json`` per chart, and ``leaderboard.{txt,csv}``."""
+    """Write ``index.html``, ``<chart>.png`` and ``<chart>.vl.json`` per chart, and ``leaderboard.{txt,csv}``.
+
+    ``run_studies[i]`` is the study of ``curve_paths[i]`` and ``train_log_paths[i]`` (the same runs, in the same
+    order); it may be left out when the summary holds one study.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = dict(config or {})
     summary = read_table(summary_path, ("method", "variant", "seed", "eval_domain", "alpha", "accuracy"))
-    curves, logs = load_curves(curve_paths), load_train_logs(train_log_paths)
+    studies = C.studies_of(summary)
+    if run_studies is None and len(studies) > 1:
+        raise ValueError(f"report: the summary holds {len(studies)} studies; pass run_studies (the study of each run)")
+    if run_studies is None and "study" in summary:
+        run_studies = [studies[0]] * max(len(curve_paths), len(train_log_paths))
+    curves = load_curves(curve_paths, None if run_studies is None else run_studies[: len(curve_paths)])
+    logs = load_train_logs(train_log_paths, None if run_studies is None else run_studies[: len(train_log_paths)])
     ood = ((config.get("dataset") or {}).get("ood_domains")) or None
     charts = build_charts(summary, curves, logs, ood)
-    table = C.leaderboard(summary, ood)
+    tables = C.leaderboards(summary, ood)
     written: dict[str, Path] = {}
     specs = {}
     for name, chart in charts.items():
@@ -160,12 +188,12 @@ def write_report(
         written[f"{name}.vl.json"] = _write_text(out / f"{name}.vl.json", json.dumps(specs[name], indent=1))
         chart.save(str(out / f"{name}.png"), format="png", scale_factor=png_scale)
         written[f"{name}.png"] = out / f"{name}.png"
-    written["leaderboard.txt"] = _write_text(out / "leaderboard.txt", C.leaderboard_text(table))
-    flat = table.copy()
+    written["leaderboard.txt"] = _write_text(out / "leaderboard.txt", C.leaderboards_text(summary, ood))
+    flat = pd.concat([t.assign(study=study) for study, t in tables.items()], ignore_index=True)
+    flat = flat[["study", *[c for c in flat.columns if c != "study"]]]
     flat.attrs = {}
-    flat.to_csv(out / "leaderboard.csv", index=False)
-    written["leaderboard.csv"] = out / "leaderboard.csv"
-    page = render_page(specs, table, summary, curves, config)
+    written["leaderboard.csv"] = _write_text(out / "leaderboard.csv", flat.to_csv(index=False))
+    page = render_page(specs, tables, summary, curves, config)
     written["index.html"] = _write_text(out / "index.html", page)
     return written
 
@@ -178,20 +206,24 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------- page
-def render_page(specs: Mapping[str, dict], table: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame | None,
-                config: Mapping[str, Any]) -> str:
-    """The HTML page: configuration, every chart (Vega-Lite specs embedded, Vega inlined) and the leaderboard."""
+def render_page(specs: Mapping[str, dict], tables: Mapping[str, pd.DataFrame] | pd.DataFrame, summary: pd.DataFrame,
+                curves: pd.DataFrame | None, config: Mapping[str, Any]) -> str:
+    """The HTML page: configuration, every chart (Vega-Lite specs embedded, Vega inlined) and the leaderboards (one
+    per study, and across backbones per dataset where a dataset has several)."""
+    if isinstance(tables, pd.DataFrame):
+        tables = {C.studies_of(summary)[0]: tables}
     title = ((config.get("report") or {}).get("title")) or "robustft report"
+    runs = summary[[c for c in ("study", "method", "variant", "seed") if c in summary]].drop_duplicates()
     sections = [f"<header><h1>{_e(title)}</h1><p class=\"meta\">Generated {_dt.datetime.now():%Y-%m-%d %H:%M} "
-                f"from <code>results/summary.parquet</code> ({len(summary)} rows, "
-                f"{summary[['method', 'variant', 'seed']].drop_duplicates().shape[0]} runs).</p></header>",
+                f"from <code>results/summary.parquet</code> ({len(summary)} rows, {len(runs)} runs"
+                + (f", {len(tables)} studies" if len(tables) > 1 else "") + ").</p></header>",
                 _config_section(config, summary)]
     order = ["id_vs_ood", "leaderboard", "accuracy_change", "calibration", "training_curves"]
     number = 0
     for name in order:
         number += 1
         if name == "leaderboard":
-            sections.append(_leaderboard_section(number, table, summary))
+            sections.append(_leaderboard_section(number, tables, summary))
             continue
         heading, caption = CAPTIONS[name]
         if name == "id_vs_ood":
@@ -229,32 +261,64 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
+def _is_clip(backbone: str) -> bool:
+    return "clip" in str(backbone).lower()
+
+
 def reference_sentence(config: Mapping[str, Any], summary: pd.DataFrame) -> str:
-    """What the reference model (α = 0, method ``zeroshot``) is for this backbone."""
-    backbone = (config.get("backbone") or {}).get("name") or str(summary["backbone"].iloc[0] if len(summary) else "")
-    if "clip" in backbone.lower():
-        return ("The reference model is zero-shot CLIP: the pre-trained image encoder with a head built from the "
-                "text embeddings of class-name prompts.")
-    return ("The reference model is a linear probe: a classifier head trained on frozen pre-trained features of the "
-            "ID training split (this backbone has no zero-shot head).")
+    """What the reference model (α = 0, method ``zeroshot``) is for the backbones of this report."""
+    names = {(config.get("backbone") or {}).get("name")} - {None}
+    if not names and "backbone" in summary:
+        names = set(map(str, summary["backbone"].unique()))
+    clip, other = any(_is_clip(n) for n in names), any(not _is_clip(n) for n in names)
+    zero_shot = ("zero-shot CLIP: the pre-trained image encoder with a head built from the text embeddings of "
+                 "class-name prompts")
+    probe = "a linear probe: a classifier head trained on frozen pre-trained features of the ID training split"
+    if clip and other:
+        return f"The reference model is {zero_shot} for CLIP backbones, and {probe} for the others (no zero-shot head)."
+    if clip:
+        return f"The reference model is {zero_shot}."
+    return f"The reference model is {probe} (this backbone has no zero-shot head)."
+
+
+def backbone_description(spec: Mapping[str, Any]) -> str:
+    """A backbone spec in words, with only the keys its kind uses (a validated config also carries open_clip's
+    defaults, ``model`` and ``pretrained``, for other backbones)."""
+    name = str(spec.get("name") or "")
+    if name == "open_clip":
+        details = [str(spec[k]) for k in ("model",) if spec.get(k)]
+        details.append(f"{spec['pretrained']} weights" if spec.get("pretrained") else "random weights")
+    else:
+        weights = spec.get("weights")
+        details = [f"weights {Path(str(weights)).name}" if weights else "ImageNet-1k weights"]
+    details.append(f"{spec['image_size']} px" if spec.get("image_size") else "native resolution")
+    return f"{name} ({', '.join(details)})"
 
 
 def _config_section(config: Mapping[str, Any], summary: pd.DataFrame) -> str:
     dataset = config.get("dataset") or {}
     backbone = config.get("backbone") or {}
-    id_domain = dataset.get("id_domain") or C.id_domain_of(summary)
-    ood = dataset.get("ood_domains") or C.ood_domains_of(summary)
-    items = [("Dataset", f"{dataset.get('name') or summary['dataset'].iloc[0]}"),
-             ("ID (training) domain", id_domain), ("OOD domains", ", ".join(ood))]
+    studies = C.studies_of(summary)
+    items = []
+    if len(studies) > 1:
+        lines = []
+        for study in studies:
+            rows = C.study_rows(summary, study)
+            lines.append(f"<b>{_e(study)}</b>: dataset {_e(rows['dataset'].iloc[0])}, backbone "
+                         f"{_e(rows['backbone'].iloc[0])}, ID {_e(C.id_domain_of(rows))}, OOD "
+                         f"{_e(', '.join(C.ood_domains_of(rows)))}")
+        items.append(("Studies", "<br>".join(lines)))
+    else:
+        id_domain = dataset.get("id_domain") or C.id_domain_of(summary)
+        ood = dataset.get("ood_domains") or C.ood_domains_of(summary)
+        items += [("Dataset", _e(f"{dataset.get('name') or summary['dataset'].iloc[0]}")),
+                  ("ID (training) domain", _e(id_domain)), ("OOD domains", _e(", ".join(ood)))]
+        described = backbone_description(backbone) if backbone.get("name") else str(summary["backbone"].iloc[0])
+        items.append(("Backbone", _e(described)))
     if dataset.get("max_per_class"):
         caps = dataset["max_per_class"]
-        items.append(("Images per class (cap)", ", ".join(f"{k} {v}" for k, v in caps.items())))
-    bb = backbone.get("name") or summary["backbone"].iloc[0]
-    details = [f"{k} {backbone[k]}" for k in ("model", "pretrained") if backbone.get(k)]
-    if backbone.get("image_size"):
-        details.append(f"{backbone['image_size']} px")
-    items.append(("Backbone", bb + (f" ({', '.join(map(str, details))})" if details else "")))
-    items.append(("Reference model (α = 0)", reference_sentence(config, summary)))
+        items.append(("Images per class (cap)", _e(", ".join(f"{k} {v}" for k, v in caps.items()))))
+    items.append(("Reference model (α = 0)", _e(reference_sentence(config, summary))))
     runs = summary[["method", "variant", "seed"]].drop_duplicates()
     methods = []
     for method in C.method_order(runs["method"]):
@@ -262,38 +326,42 @@ def _config_section(config: Mapping[str, Any], summary: pd.DataFrame) -> str:
         names = runs.loc[runs["method"] == method, "variant"].unique()
         for variant in sorted(names, key=lambda v: (v != "default", v)):
             settings = ((config.get("methods") or {}).get(method) or {}).get(variant)
-            text = variant + (f" <code>{_e(json.dumps(settings, sort_keys=True))}</code>" if settings else "")
-            variants.append(text if settings else _e(variant))
+            variants.append(_e(variant) + (f" <code>{_e(json.dumps(settings, sort_keys=True))}</code>"
+                                           if settings else ""))
         colour = C.KNOWN_METHOD_COLOURS.get(method, "#999")
         methods.append(f"<span class=\"swatch\" style=\"background:{colour}\"></span><b>{_e(method)}</b>: "
                        + ", ".join(variants))
     items.append(("Methods / variants", "<br>".join(methods)))
     seeds = config.get("seeds") or sorted(runs["seed"].unique())
-    items.append(("Seeds", ", ".join(map(str, seeds))))
+    items.append(("Seeds", _e(", ".join(map(str, seeds)))))
     alphas = (config.get("sweep") or {}).get("alphas") or sorted(summary["alpha"].unique())
-    items.append(("WiSE-FT α", ", ".join(f"{a:g}" for a in alphas)))
+    items.append(("WiSE-FT α", _e(", ".join(f"{a:g}" for a in alphas))))
     cals = sorted(summary["calibration"].unique(), key=lambda c: C.CALIBRATIONS.index(c) if c in C.CALIBRATIONS else 9)
-    items.append(("Calibrations", ", ".join(C.CALIBRATION_LABELS.get(c, c) for c in cals)))
+    items.append(("Calibrations", _e(", ".join(C.CALIBRATION_LABELS.get(c, c) for c in cals))))
     skipped = config.get("skipped_images")
     if skipped is not None:
         shown = ", ".join(skipped[:20]) + (f" and {len(skipped) - 20} more" if len(skipped) > 20 else "")
-        items.append(("Skipped images", f"{len(skipped)} (dataset.on_bad_image: skip)" + (f": {shown}" if skipped else "")))
-    rows = "".join(f"<dt>{_e(k)}</dt><dd>{v if k == 'Methods / variants' else _e(v)}</dd>" for k, v in items)
+        items.append(("Skipped images", _e(f"{len(skipped)} (dataset.on_bad_image: skip)"
+                                           + (f": {shown}" if skipped else ""))))
+    rows = "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in items)
     return f"<section id=\"configuration\"><h2>Configuration</h2><dl class=\"config\">{rows}</dl></section>"
 
 
-def _leaderboard_section(number: int, table: pd.DataFrame, summary: pd.DataFrame) -> str:
-    shown = C.leaderboard_display(table)
-    text_cols = {"method", "variant", "weights"}
+def _html_table(shown: pd.DataFrame, raw: pd.DataFrame | None = None, text_cols=("method", "variant", "weights"),
+                css: str = "leaderboard") -> str:
     head = "".join(f"<th>{_e(c)}</th>" for c in shown.columns)
     body, previous = [], None
-    for (_, row), (_, raw) in zip(shown.iterrows(), table.iterrows()):
+    for i, (_, row) in enumerate(shown.iterrows()):
         classes = []
-        if raw["method"] == C.REFERENCE_METHOD:
+        raw_row = raw.iloc[i] if raw is not None else row
+        if raw_row["method"] == C.REFERENCE_METHOD:
             classes.append("reference")
-        if previous is not None and (raw["method"], raw["variant"]) != previous:
+        if str(raw_row.get("point", "")).startswith("oracle"):
+            classes.append("oracle")
+        group = (raw_row["method"], raw_row.get("protocol"))
+        if previous is not None and group != previous:
             classes.append("first")
-        previous = (raw["method"], raw["variant"])
+        previous = group
         cells = []
         for col, value in row.items():
             if col == "method":
@@ -303,14 +371,37 @@ def _leaderboard_section(number: int, table: pd.DataFrame, summary: pd.DataFrame
                 attr = "" if col in text_cols else ' class="num"'
                 cells.append(f"<td{attr}>{_e(value)}</td>")
         body.append(f"<tr class=\"{' '.join(classes)}\">{''.join(cells)}</tr>")
+    return (f"<div class=\"table\"><table class=\"{css}\"><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+def _leaderboard_section(number: int, tables: Mapping[str, pd.DataFrame], summary: pd.DataFrame) -> str:
     caption = ("Test accuracy (%) of each method at α = 1 (the fine-tuned weights) and at the α chosen on ID "
-               "validation (several chosen values when seeds disagree), seed mean ± s.d. where there are several "
-               "seeds; no calibration. Ranked by OOD average at the chosen α; the reference model on top. "
-               "Trainable parameters, checkpoint size on disk and wall-clock training time per run.")
-    return (f"<section id=\"leaderboard\"><h2>{number}. Leaderboard</h2><p class=\"caption\">{_e(caption)}</p>"
-            f"<table class=\"leaderboard\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-            f"<p class=\"files\">Files: <a href=\"leaderboard.csv\">leaderboard.csv</a> · "
-            f"<a href=\"leaderboard.txt\">leaderboard.txt</a></p></section>")
+               "validation, seed mean ± s.d. where there are several seeds, each seed at its own chosen α (the "
+               "α column lists them when seeds disagree); no calibration. Where a method has several variants (a "
+               "grid), its first row is the variant and α chosen on ID validation within each seed (DomainBed's "
+               "training-domain validation), the second the variant an oracle picks on OOD test: not a valid "
+               "selection, shown to measure the selection gap. Ranked by OOD average at the chosen point; the "
+               "reference model on top. Trainable parameters, checkpoint size on disk and wall-clock training time "
+               "per run.")
+    parts = [f"<p class=\"caption\">{_e(caption)}</p>"]
+    several = len(tables) > 1
+    for study, table in tables.items():
+        if several:
+            parts.append(f"<h3>{_e(study)}</h3>")
+        parts.append(_html_table(C.leaderboard_display(table), table))
+    if several:
+        across = C.backbone_leaderboard_display(C.backbone_leaderboard(summary))
+        for dataset, shown in across.items():
+            if len(shown.columns) <= 3:
+                continue
+            parts.append(f"<h3>{_e(dataset)}: across backbones</h3><p class=\"caption\">ID test and OOD-average "
+                         "accuracy (%) of each method on every backbone, at the variant and α chosen on ID "
+                         "validation (seed mean ± s.d.).</p>")
+            parts.append(_html_table(shown, text_cols=("method",)))
+    parts.append("<p class=\"files\">Files: <a href=\"leaderboard.csv\">leaderboard.csv</a> · "
+                 "<a href=\"leaderboard.txt\">leaderboard.txt</a></p>")
+    return f"<section id=\"leaderboard\"><h2>{number}. Leaderboard</h2>{''.join(parts)}</section>"
 
 
 # ----------------------------------------------------------------------------------------------------- terminal
@@ -319,9 +410,9 @@ def print_leaderboard(source: str | Path | pd.DataFrame, file: TextIO | None = N
     """Print the leaderboard as a plain-text table: from ``leaderboard.txt``, a summary Parquet file, or a summary."""
     file = file or sys.stdout
     if isinstance(source, pd.DataFrame):
-        text = C.leaderboard_text(C.leaderboard(source, ood_domains))
+        text = C.leaderboards_text(source, ood_domains)
     elif Path(source).suffix == ".txt":
         text = Path(source).read_text(encoding="utf-8")
     else:
-        text = C.leaderboard_text(C.leaderboard(read_table(source), ood_domains))
+        text = C.leaderboards_text(read_table(source), ood_domains)
     print("\nrobustft leaderboard (test accuracy %, no calibration)\n" + text, file=file, flush=True)
