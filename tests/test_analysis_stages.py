@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from robustft.calibration import absent_class_mask, apply_logit_offset, pseudo_cv_gamma
-from robustft.data.adapters import get_adapter
 from robustft.data.manifest import MANIFEST_COLUMNS
 from robustft.data.pixels import pixel_cache_attrs
+from robustft.data.registry import get_adapter
 from robustft.evaluation import CachedColumn, build_classifier, predict_logits
 from robustft.features import extract_features
 from robustft.interpolation import interpolate_state_dicts
