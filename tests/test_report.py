@@ -643,3 +643,22 @@ def test_page_of_several_studies_renders_in_chromium(matrix, tmp_path):
     heat = found["accuracy_change"]["counts"]
     assert heat["heat_cells_marks"] == len(MATRIX_TRAINED) * (2 * (panels["pacs"] + 1) + panels["domainnet"] + 1)
     assert found["calibration"]["counts"]["calibration_curves_marks"] == len(MATRIX_STUDIES) * len(SEEDS)
+
+
+def test_datasets_that_share_a_name_are_told_apart_by_their_id_domain(matrix):
+    """Two studies of one dataset with different ID domains (PACS photo -> ..., PACS sketch -> ...) are two
+    datasets of the report: never averaged together across backbones (they were, when grouped by name)."""
+    summary = matrix["summary_frame"].copy()
+    summary.loc[summary["dataset"] == "domainnet", "dataset"] = "pacs"  # a second PACS study, ID domain "real"
+    labels = C.dataset_labels(summary)
+    assert labels == {f"pacs/{SMALL}": f"pacs (ID {ID})", f"pacs/{BIG}": f"pacs (ID {ID})",
+                      f"domainnet/{SMALL}": "pacs (ID real)"}
+    assert list(C.datasets_of(summary)) == [f"pacs (ID {ID})", "pacs (ID real)"]
+    cells = C.backbone_leaderboard(summary)
+    for study, label in ((f"pacs/{SMALL}", f"pacs (ID {ID})"), (f"domainnet/{SMALL}", "pacs (ID real)")):
+        cell = cells[(cells["dataset"] == label) & (cells["backbone"] == SMALL) & (cells["method"] == "kd")
+                     & (cells["measure"] == "ID")].iloc[0]
+        rows = summary[(summary["study"] == study) & (summary["method"] == "kd") & summary["selected_alpha"]
+                       & (summary["calibration"] == "none") & (summary["eval_domain"] == summary["train_domain"])
+                       & (summary["split"] == "test")]
+        assert cell["accuracy"] == pytest.approx(rows["accuracy"].mean()), study

@@ -207,7 +207,22 @@ def test_the_matrix_report_is_built(studies):
     """The report over the 2 x 2 matrix: it only reads the summary and the runs' curves and logs."""
     assert _dry_run(studies.workdir, studies.m, "results/report/index.html") == {"report": 1}
     run_pipeline(studies.workdir, timeout=1800)
-    assert (studies.workdir / "results" / "report" / "index.html").is_file()
+    report = studies.workdir / "results" / "report"
+    page = (report / "index.html").read_text()
+    summary = read_summary(studies.workdir)
+    study_names = sorted(summary["study"].unique())
+    assert len(study_names) == 4, study_names
+    # a leaderboard per study, one across backbones per dataset
+    for name in study_names:
+        assert f"<h3>{name}</h3>" in page, name
+    # both datasets are PACS (ID photo, ID sketch): told apart by their ID domain, never averaged together
+    for label in ("pacs (ID photo)", "pacs (ID sketch)"):
+        assert f"{label}: across backbones</h3>" in page, label
+    board = pd.read_csv(report / "leaderboard.csv")
+    assert sorted(board["study"].unique()) == study_names
+    # ID vs OOD per dataset with a column per backbone
+    spec = (report / "id_vs_ood.vl.json").read_text()
+    assert "one column per backbone" in spec
     _assert_untouched(studies.snap["m_again"], _snapshot(studies.workdir), "the matrix after its report")
 
 

@@ -86,12 +86,31 @@ def study_rows(summary: pd.DataFrame, study: str) -> pd.DataFrame:
     return summary if "study" not in summary else summary[summary["study"] == study]
 
 
-def datasets_of(summary: pd.DataFrame) -> dict[str, list[str]]:
-    """Dataset -> its studies (backbones), in order of appearance."""
-    out: dict[str, list[str]] = {}
+def dataset_labels(summary: pd.DataFrame) -> dict[str, str]:
+    """Study -> the label of its dataset. Studies share a dataset where their folders' dataset part
+    (``<dataset>/<backbone>``) is the same: same data, ID domain, OOD domains and caps. The label is the dataset's name,
+    with the ID domain where two datasets of the config share a name (PACS photo -> ... and PACS sketch -> ...), and
+    the folder where even that is ambiguous."""
+    keys, names = {}, {}
     for study in studies_of(summary):
         rows = study_rows(summary, study)
-        out.setdefault(str(rows["dataset"].iloc[0]) if "dataset" in rows and len(rows) else "", []).append(study)
+        name = str(rows["dataset"].iloc[0]) if "dataset" in rows and len(rows) else ""
+        keys[study] = study.rsplit("/", 1)[0] if "/" in study else name
+        names[keys[study]] = (name, id_domain_of(rows) if len(rows) else "")
+    labels = {}
+    for key, (name, id_domain) in names.items():
+        same_name = [k for k, (n, _) in names.items() if n == name]
+        same_domain = [k for k, (n, d) in names.items() if (n, d) == (name, id_domain)]
+        labels[key] = (name if len(same_name) == 1 else f"{name} (ID {id_domain})" if len(same_domain) == 1
+                       else f"{name} ({key})")
+    return {study: labels[key] for study, key in keys.items()}
+
+
+def datasets_of(summary: pd.DataFrame) -> dict[str, list[str]]:
+    """Dataset label (:func:`dataset_labels`) -> its studies (backbones), in order of appearance."""
+    out: dict[str, list[str]] = {}
+    for study, label in dataset_labels(summary).items():
+        out.setdefault(label, []).append(study)
     return out
 
 
@@ -479,6 +498,7 @@ def backbone_leaderboard(summary: pd.DataFrame, interpolation: str = "linear", c
     rows = _base(summary, interpolation, calibration)
     if "study" not in rows:
         rows = rows.assign(study="")
+    rows = rows.assign(dataset=rows["study"].map(dataset_labels(summary)).fillna(rows["dataset"]))
     rows = rows[(rows["eval_domain"] == rows["train_domain"]) | (rows["eval_domain"] == OOD_AVERAGE)]
     picked = rows[rows["selected_alpha"].astype(bool)]
     if "selected_variant" in picked:
