@@ -180,13 +180,16 @@ def test_unknown_enum_value_in_variant_override(embedded):
 
 
 def test_ood_domain_equal_to_id_domain(embedded):
-    message = _error(_modified(embedded, lambda c: c["dataset"].update(ood_domains=["photo", "sketch"])))
+    id_domain = embedded["dataset"]["id_domain"]
+    other = next(d for d in ("photo", "art_painting", "cartoon", "sketch") if d != id_domain)
+    message = _error(_modified(embedded, lambda c: c["dataset"].update(ood_domains=[other, id_domain])))
     assert message.startswith("dataset.ood_domains: ")
-    assert "'photo'" in message and "dataset.id_domain" in message
+    assert f"'{id_domain}'" in message and "dataset.id_domain" in message
 
 
 def test_duplicate_ood_domains(embedded):
-    message = _error(_modified(embedded, lambda c: c["dataset"].update(ood_domains=["sketch", "sketch"])))
+    other = next(d for d in ("photo", "art_painting", "cartoon", "sketch") if d != embedded["dataset"]["id_domain"])
+    message = _error(_modified(embedded, lambda c: c["dataset"].update(ood_domains=[other, other])))
     assert message.startswith("dataset.ood_domains: values must be unique")
 
 
@@ -361,7 +364,8 @@ def test_the_single_dataset_and_backbone_config_is_one_study(embedded):
     (study,) = study_table(config)
     assert study["dataset_label"] == "pacs" and study["backbone_label"] == "efficientnet_lite0"
     assert study["study"] == f"{study['dataset']}/{study['backbone']}"
-    assert study["dataset"].startswith("pacs-photo-") and study["backbone"] == "efficientnet_lite0-imagenet-96px"
+    assert study["dataset"].startswith(f"pacs-{embedded['dataset']['id_domain']}-")
+    assert study["backbone"] == f"efficientnet_lite0-imagenet-{embedded['backbone']['image_size']}px"
     assert study["methods"] == {m: list(v) for m, v in embedded["methods"].items()}
     assert len(run_table(config)) == sum(len(v) for v in embedded["methods"].values()) * len(config["seeds"])
     assert config["datasets"] == {} and config["backbones"] == {} and config["studies"] == []

@@ -70,6 +70,10 @@ class TrainingHyperparameters:
     augment: str = hyperparameter(
         "none", "Training augmentation on cached pixels (flip: random horizontal flip; ignored on cached features).",
         enum=["none", "flip"])
+    norm_statistics: str = hyperparameter(
+        "train", "BatchNorm running statistics while training: train (updated, torch's default) or frozen (kept at the "
+        "pre-trained values, as small-batch fine-tuning of BatchNorm networks does); no effect on LayerNorm models.",
+        enum=["train", "frozen"])
     select: str = hyperparameter(
         "best_val", "Which epoch's weights a run keeps: the best ID-validation accuracy (best_val) or the last.",
         enum=["best_val", "last"])
@@ -83,6 +87,8 @@ class TrainingHyperparameters:
     def __post_init__(self) -> None:
         if self.augment not in ("none", "flip"):
             raise ValueError(f"augment: expected 'none' or 'flip', got {self.augment!r}")
+        if self.norm_statistics not in ("train", "frozen"):
+            raise ValueError(f"norm_statistics: expected 'train' or 'frozen', got {self.norm_statistics!r}")
         if self.select not in ("best_val", "last"):
             raise ValueError(f"select: expected 'best_val' or 'last', got {self.select!r}")
         for name in ("epochs", "batch_size", "warmup_steps", "checkpoint_every", "eval_batch_size"):
@@ -181,7 +187,8 @@ class Method:
     trains: ClassVar[bool] = True
     #: the file the run directory stores (what ``checkpoint_tensors`` returns); None: nothing stored
     checkpoint_file: ClassVar[str | None] = "model.safetensors"
-    #: keep BatchNorm running statistics frozen (for methods whose stored file holds no encoder buffers)
+    #: always keep BatchNorm running statistics frozen (for methods whose stored file holds no encoder buffers);
+    #: otherwise the ``norm_statistics`` hyperparameter decides
     freeze_norm_statistics: ClassVar[bool] = False
 
     def __init__(self, hp: TrainingHyperparameters) -> None:
@@ -208,7 +215,7 @@ class Method:
 
     def set_train_mode(self, model: nn.Module) -> None:
         model.train()
-        if self.freeze_norm_statistics:
+        if self.freeze_norm_statistics or self.hp.norm_statistics == "frozen":
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
