@@ -156,7 +156,7 @@ def end_points(rows: pd.DataFrame) -> pd.DataFrame:
     class-subset run is scored on classes it never saw)."""
     rows = rows[(rows["interpolation"] == "linear") & (rows["calibration"] == "none")
                 & (rows["protocol"] != "class_subset") & rows["alpha"].isin([0.0, 1.0])]
-    reference = rows[rows["alpha"] == 0.0].drop_duplicates(["id_accuracy", "ood_accuracy"])
+    reference = rows[rows["alpha"] == 0.0].drop_duplicates(["eval_domain", "id_accuracy", "ood_accuracy"])
     return pd.concat([reference, rows[rows["alpha"] == 1.0]], ignore_index=True)
 
 
