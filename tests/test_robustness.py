@@ -108,3 +108,10 @@ def test_table_uses_the_published_line_for_imagenet_shifts():
     expected = float(inverse_probit(0.5 * probit(0.85))) - float(v2.predict(0.85))
     assert row["effective_robustness"].iloc[0] == pytest.approx(expected)
     assert table["er_ci_low"].isna().all()  # bootstrap 0: no intervals
+
+
+def test_each_domain_keeps_its_reference_point_when_two_domains_agree():
+    """Two OOD domains on the same line give the same (ID, OOD) pairs: each domain's fit still has the reference."""
+    table = effective_robustness_table(_summary(lines={"art": (0.9, -0.3), "sketch": (0.9, -0.3)}), 0, 0.95)
+    per_domain = table[table["eval_domain"] != "ood_average"].drop_duplicates("eval_domain")
+    assert per_domain["baseline_points"].tolist() == [3, 3]
