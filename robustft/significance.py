@@ -191,18 +191,21 @@ def paired_tests_table(summary: pd.DataFrame, correctness: Correctness, n_boot: 
                if d != OOD_AVERAGE]
         domains = [id_domain, *ood]
         mine = picks[picks["study"] == study]
-        fulls = mine[mine["method"] == FULL_FT_METHOD]
+        swept = set(rows["alpha"].astype(float))  # a sweep without alpha 0 (1) has no reference (fine-tuned) point
+        fulls = mine[mine["method"] == FULL_FT_METHOD] if 1.0 in swept else mine.iloc[:0]
         study_rows = []
         for (method, protocol), points in mine.groupby(["method", "protocol"], sort=False):
             if method == REFERENCE_METHOD:
                 continue
             sides = {"selected": [], "reference": []}
+            reference = [0.0] if 0.0 in swept else []
             for p in points.itertuples(index=False):
                 got = correctness.points((study, method, p.variant, p.seed),
-                                         [(d, a, "linear", "none") for d in domains for a in {p.alpha, 0.0}])
+                                         [(d, a, "linear", "none") for d in domains for a in {p.alpha, *reference}])
                 sides["selected"].append({d: got[(d, float(p.alpha), "linear", "none")] for d in domains})
-                sides["reference"].append({d: got[(d, 0.0, "linear", "none")] for d in domains})
-            against = {"reference": (sides["reference"], points["variant"], [0.0])}
+                if reference:
+                    sides["reference"].append({d: got[(d, 0.0, "linear", "none")] for d in domains})
+            against = {"reference": (sides["reference"], points["variant"], [0.0])} if reference else {}
             full = fulls[fulls["protocol"] == protocol]
             if len(full):
                 sides_ft = []

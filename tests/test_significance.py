@@ -117,3 +117,12 @@ def test_missing_correctness_names_the_file(results, tmp_path):
         correctness.points(run, [("photo", 0.33, "linear", "none")])
     with pytest.raises(KeyError, match="no metrics file"):
         correctness.points(("x", "y", "z", 0), [])
+
+
+def test_a_sweep_without_alpha_0_or_1_skips_that_comparison(results):
+    summary = results["summary_frame"]
+    correctness = Correctness(run_paths(results["metrics"], results["run_studies"]))
+    without_zero = paired_tests_table(summary[summary["alpha"] > 0], correctness, n_boot=50, ci_level=0.95)
+    assert set(without_zero["against"]) == {"full_ft"}
+    without_one = paired_tests_table(summary[summary["alpha"] < 1], correctness, n_boot=50, ci_level=0.95)
+    assert set(without_one["against"]) == {"reference"}
