@@ -18,6 +18,7 @@ include: "rules/finetune.smk"
 include: "rules/sweeps.smk"
 include: "rules/calibration.smk"
 include: "rules/summary.smk"
+include: "rules/analyses.smk"
 include: "rules/report.smk"
 
 

@@ -15,6 +15,10 @@ rule report:
         manifests=sorted({rules.manifest.output.manifest.format(data=s["data"]) for s in STUDIES}),
         curves=[run_path(rules.calibrate.output.curve, r) for r in RUNS],
         train_logs=[run_path(rules.finetune.output.train_log, r) for r in RUNS],
+        # results/analysis/ (rules/analyses.smk), each shown in its own section
+        effective_robustness=str(rules.effective_robustness.output.table),
+        paired_tests=str(rules.paired_tests.output.table),
+        recommendation=str(rules.recommendation.output.table),
     output:
         index=report(f"{REPORT_DIR}/index.html", category="1. Report page", caption="../report/index.rst"),
         id_vs_ood=report(f"{REPORT_DIR}/id_vs_ood.png", category="2. Figures", caption="../report/id_vs_ood.rst",
@@ -26,6 +30,9 @@ rule report:
                            caption="../report/calibration.rst", labels={"figure": "3. Calibration"}),
         training_curves=report(f"{REPORT_DIR}/training_curves.png", category="2. Figures",
                                caption="../report/training_curves.rst", labels={"figure": "4. Training curves"}),
+        effective_robustness=report(f"{REPORT_DIR}/effective_robustness.png", category="2. Figures",
+                                    caption="../report/effective_robustness.rst",
+                                    labels={"figure": "5. Effective robustness"}),
         specs=[f"{REPORT_DIR}/{name}.vl.json" for name in CHART_NAMES],
         leaderboard=f"{REPORT_DIR}/leaderboard.txt",
         leaderboard_csv=report(f"{REPORT_DIR}/leaderboard.csv", category="3. Tables",

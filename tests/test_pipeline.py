@@ -66,8 +66,10 @@ SUB_RUNS = {("full_ft", "default")}
 ID_DOMAIN, OOD_DOMAINS = "photo", ["art_painting", "sketch"]
 N_CLASSES = 7
 KILL_SEED = int(os.environ.get("ROBUSTFT_KILL_SEED", random.SystemRandom().randrange(10**6)))
-#: Rules that follow the summary (the report) and the target rule: allowed in every "what reruns" answer.
-AFTER_SUMMARY = {"study_summary", "summary", "report", "all"}
+#: Rules that read the summary (rules/analyses.smk), one job each per config.
+ANALYSES = {"effective_robustness", "paired_tests", "recommendation"}
+#: Rules that follow the summary (the analyses, the report) and the target rule: allowed in every "what reruns" answer.
+AFTER_SUMMARY = {"study_summary", "summary", *ANALYSES, "report", "all"}
 #: The restricted runs stop at the summary (the session's run builds the report as well).
 SUMMARY = "results/summary.parquet"
 
@@ -134,7 +136,7 @@ def test_dry_run_of_the_embedded_config_lists_every_job(tmp_path):
     expected = expected_jobs(config)
     extra = {rule: n for rule, n in jobs.items() if rule not in expected}
     assert {rule: jobs.get(rule, 0) for rule in expected} == expected, f"dry run job counts {jobs}\n{output_tail(proc)}"
-    assert set(extra) <= {"report"} and all(n == 1 for n in extra.values()), f"unexpected jobs {extra}"
+    assert set(extra) <= {"report", *ANALYSES} and all(n == 1 for n in extra.values()), f"unexpected jobs {extra}"
     # writes nothing: no results/ folder, no metadata
     assert not (tmp_path / "results").exists()
 
@@ -422,6 +424,34 @@ def test_unchanged_config_has_nothing_to_do(session):
     assert dry_run_jobs(proc) == {}, (
         "a no-op rerun would run jobs (did library code or a rule change while the tests ran?)\n" + output_tail(proc))
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_snakemake_report_of_the_finished_pipeline(session):
+    """``snakemake --report report.html`` on the finished pipeline: one page holding every registered figure and the
+    leaderboard (issue #18 item 6)."""
+    from robustft.report import CHART_NAMES
+
+    out = session.workdir / "report.html"
+    proc = run_snakemake(session.workdir, "--report", str(out), timeout=300)
+    assert proc.returncode == 0 and out.is_file(), output_tail(proc)
+    page = out.read_text(errors="replace")
+    for name in (*CHART_NAMES, "leaderboard"):
+        assert f"{name}" in page, f"{name} missing from snakemake's report"
+    assert len(page) > 100_000  # the figures are embedded
+
+
+def test_analysis_tables_of_the_finished_pipeline(session, summary):
+    """results/analysis/: effective robustness of every OOD point (fitted lines on PACS), the paired tests of every
+    trained method's selected point, the recommendation under the config's default floor (best-1)."""
+    folder = session.workdir / "results" / "analysis"
+    er = pd.read_parquet(folder / "effective_robustness.parquet")
+    assert set(er["eval_domain"]) == {*OOD_DOMAINS, "ood_average"}
+    assert set(er.loc[er["eval_domain"] != "ood_average", "baseline_kind"]) <= {"fitted", "none"}
+    paired = pd.read_parquet(folder / "paired_tests.parquet")
+    assert set(paired["method"]) == {"linear_probe", "full_ft"} and set(paired["against"]) == {"reference", "full_ft"}
+    assert (paired["correction"] == "holm").all() and paired["p_holm"].between(0, 1).all()
+    rec = pd.read_parquet(folder / "recommendation.parquet")
+    assert len(rec) and rec["best"].sum() == 1 and (rec["id_val_accuracy"] >= rec["id_floor"] - 1e-12).all()
 
 
 def test_fisher_sweep_reruns_only_the_sweeps_and_shares_the_linear_end_points(session, tmp_path):

@@ -7,7 +7,7 @@ the functions load on first use.
 from __future__ import annotations
 
 #: The charts, each written as ``<name>.png`` and ``<name>.vl.json`` beside ``index.html``.
-CHART_NAMES = ("id_vs_ood", "accuracy_change", "calibration", "training_curves")
+CHART_NAMES = ("id_vs_ood", "accuracy_change", "calibration", "training_curves", "effective_robustness")
 #: The leaderboard files beside ``index.html``.
 LEADERBOARD_FILES = ("leaderboard.txt", "leaderboard.csv")
 

@@ -15,6 +15,7 @@ import pandas as pd
 
 from robustft.io.tables import read_table
 from robustft.report import CHART_NAMES, LEADERBOARD_FILES
+from robustft.report import analyses as A
 from robustft.report import charts as C
 
 _RUN_PATH = re.compile(r"(?:^|/)runs/(?P<method>[^/]+)/(?P<variant>[^/]+)/seed(?P<seed>\d+)/[^/]+$")
@@ -133,14 +134,17 @@ def load_train_logs(paths: Sequence[str | Path], studies: Sequence[str] | None =
 
 # -------------------------------------------------------------------------------------------------------- charts
 def build_charts(summary: pd.DataFrame, curves: pd.DataFrame | None = None, logs: pd.DataFrame | None = None,
-                 ood_domains: Sequence[str] | None = None) -> dict[str, Any]:
-    """Every chart of the report, by name (the names in ``CHART_NAMES``)."""
+                 ood_domains: Sequence[str] | None = None,
+                 analyses: Mapping[str, pd.DataFrame] | None = None) -> dict[str, Any]:
+    """Every chart of the report, by name (the names in ``CHART_NAMES``); ``analyses``: the tables of
+    :func:`robustft.report.analyses.load_analyses`."""
     methods = summary["method"].unique()
     return {
         "id_vs_ood": C.id_vs_ood_chart(summary, ood_domains),
         "accuracy_change": C.accuracy_change_chart(summary, ood_domains),
         "calibration": C.calibration_chart(summary, curves if curves is not None else pd.DataFrame(), ood_domains),
         "training_curves": C.training_curves_chart(logs if logs is not None else pd.DataFrame(), methods),
+        "effective_robustness": A.effective_robustness_chart((analyses or {}).get("effective_robustness")),
     }
 
 
@@ -161,11 +165,13 @@ def write_report(
     out_dir: str | Path = "results/report",
     png_scale: float = 2.0,
     run_studies: Sequence[str] | None = None,
+    analysis_paths: Mapping[str, str | Path] | None = None,
 ) -> dict[str, Path]:
     """Write ``index.html``, ``<chart>.png`` and ``<chart>.vl.json`` per chart, and ``leaderboard.{txt,csv}``.
 
     ``run_studies[i]`` is the study of ``curve_paths[i]`` and ``train_log_paths[i]`` (the same runs, in the same
-    order); it may be left out when the summary holds one study.
+    order); it may be left out when the summary holds one study. ``analysis_paths``: the tables of
+    rules/analyses.smk by name (:data:`robustft.report.analyses.ANALYSIS_TABLES`), each shown in its own section.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,7 +185,8 @@ def write_report(
     curves = load_curves(curve_paths, None if run_studies is None else run_studies[: len(curve_paths)])
     logs = load_train_logs(train_log_paths, None if run_studies is None else run_studies[: len(train_log_paths)])
     ood = ((config.get("dataset") or {}).get("ood_domains")) or None
-    charts = build_charts(summary, curves, logs, ood)
+    analyses = A.load_analyses(analysis_paths)
+    charts = build_charts(summary, curves, logs, ood, analyses)
     tables = C.leaderboards(summary, ood)
     written: dict[str, Path] = {}
     specs = {}
@@ -193,7 +200,7 @@ def write_report(
     flat = flat[["study", *[c for c in flat.columns if c != "study"]]]
     flat.attrs = {}
     written["leaderboard.csv"] = _write_text(out / "leaderboard.csv", flat.to_csv(index=False))
-    page = render_page(specs, tables, summary, curves, config)
+    page = render_page(specs, tables, summary, curves, config, analyses)
     written["index.html"] = _write_text(out / "index.html", page)
     return written
 
@@ -207,7 +214,8 @@ def _write_text(path: Path, text: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------- page
 def render_page(specs: Mapping[str, dict], tables: Mapping[str, pd.DataFrame] | pd.DataFrame, summary: pd.DataFrame,
-                curves: pd.DataFrame | None, config: Mapping[str, Any]) -> str:
+                curves: pd.DataFrame | None, config: Mapping[str, Any],
+                analyses: Mapping[str, pd.DataFrame] | None = None) -> str:
     """The HTML page: configuration, every chart (Vega-Lite specs embedded, Vega inlined) and the leaderboards (one
     per study, and across backbones per dataset where a dataset has several)."""
     if isinstance(tables, pd.DataFrame):
@@ -223,7 +231,7 @@ def render_page(specs: Mapping[str, dict], tables: Mapping[str, pd.DataFrame] | 
     for name in order:
         number += 1
         if name == "leaderboard":
-            sections.append(_leaderboard_section(number, tables, summary))
+            sections.append(_leaderboard_section(number, tables, summary, (analyses or {}).get("paired_tests")))
             continue
         heading, caption = CAPTIONS[name]
         if name == "id_vs_ood":
@@ -237,6 +245,7 @@ def render_page(specs: Mapping[str, dict], tables: Mapping[str, pd.DataFrame] | 
                      f"<p class=\"files\">Files: <a href=\"{name}.png\">{name}.png</a> · "
                      f"<a href=\"{name}.vl.json\">{name}.vl.json</a> (Vega-Lite)</p>")
         sections.append(f"<section id=\"{name}\"><h2>{number}. {_e(heading)}</h2>{body}</section>")
+    sections += A.analysis_sections(number + 1, analyses or {})
     spec_tags = "\n".join(f"<script type=\"application/json\" id=\"spec-{name}\">{_json_for_script(spec)}</script>"
                           for name, spec in specs.items())
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -375,7 +384,8 @@ def _html_table(shown: pd.DataFrame, raw: pd.DataFrame | None = None, text_cols=
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
-def _leaderboard_section(number: int, tables: Mapping[str, pd.DataFrame], summary: pd.DataFrame) -> str:
+def _leaderboard_section(number: int, tables: Mapping[str, pd.DataFrame], summary: pd.DataFrame,
+                         paired: pd.DataFrame | None = None) -> str:
     caption = ("Test accuracy (%) of each method at α = 1 (the fine-tuned weights) and at the α chosen on ID "
                "validation, seed mean ± s.d. where there are several seeds, each seed at its own chosen α (the "
                "α column lists them when seeds disagree); no calibration. Where a method has several variants (a "
@@ -384,12 +394,17 @@ def _leaderboard_section(number: int, tables: Mapping[str, pd.DataFrame], summar
                "selection, shown to measure the selection gap. Ranked by OOD average at the chosen point; the "
                "reference model on top. Trainable parameters, checkpoint size on disk and wall-clock training time "
                "per run.")
+    if paired is not None and len(paired):
+        caption += (f" \"{A.MARKS_COLUMN}\": the chosen point's OOD-average difference in points from the reference "
+                    "model and from full fine-tuning (α = 1); \"≈\" marks a difference not distinguishable at level "
+                    f"{float(paired['level'].iloc[0]):g} (McNemar's exact test, Holm's correction; see Paired "
+                    "comparisons).")
     parts = [f"<p class=\"caption\">{_e(caption)}</p>"]
     several = len(tables) > 1
     for study, table in tables.items():
         if several:
             parts.append(f"<h3>{_e(study)}</h3>")
-        parts.append(_html_table(C.leaderboard_display(table), table))
+        parts.append(_html_table(A.with_marks(C.leaderboard_display(table), table, paired, study), table))
     if several:
         across = C.backbone_leaderboard_display(C.backbone_leaderboard(summary))
         for dataset, shown in across.items():
