@@ -17,6 +17,7 @@ include: "rules/reference.smk"
 include: "rules/finetune.smk"
 include: "rules/sweeps.smk"
 include: "rules/calibration.smk"
+include: "rules/soups.smk"
 include: "rules/summary.smk"
 include: "rules/report.smk"
 

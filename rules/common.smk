@@ -28,6 +28,7 @@ from robustft.config import (
     variant_protocol,
 )
 from robustft.code_closure import CodeClosure
+from robustft.soups import soup_table
 from robustft.network import set_jobs_offline
 from snakemake.utils import validate
 
@@ -57,6 +58,7 @@ config.update(_validated_config(config))
 STUDIES = study_table(config)
 RUNS = run_table(config)
 STUDY = {s["study"]: s for s in STUDIES}
+SOUPS = soup_table(config, STUDIES)  # model soups of each study's runs (rules/soups.smk)
 BACKBONES = {s["backbone"]: s["backbone_spec"] for s in STUDIES}  # backbone key -> backbone block
 DATA = {s["data"]: s["dataset_spec"] for s in STUDIES}  # manifest key -> a dataset block with its settings
 PREPROCESS = {s["preprocess"]: pixel_spec(s["backbone_spec"]) for s in STUDIES}  # pixel cache key -> spec
@@ -161,6 +163,11 @@ def run_path(template, run):
     """``template`` (a run rule's output) for one row of the run table."""
     return template.format(dataset=run["dataset"], backbone=run["backbone"], method=run["method"],
                            variant=run["variant"], seed=run["seed"])
+
+
+def soup_path(template, soup):
+    """``template`` (a soup rule's output) for one row of SOUPS."""
+    return template.format(dataset=soup["dataset"], backbone=soup["backbone"], kind=soup["kind"], source=soup["source"])
 
 
 def study_runs(s):
@@ -292,10 +299,13 @@ def features_pixels(wildcards):
 
 
 def study_summary_inputs(wildcards):
-    """Every run of one study: its metrics and run.json."""
+    """Every run of one study, and its soups: their metrics and run.json."""
     runs = study_runs(study(wildcards))
-    return {"metrics": [run_path(rules.calibrate.output.metrics, r) for r in runs],
-            "runs": [run_path(rules.finetune.output.run, r) for r in runs]}
+    soups = [soup for soup in SOUPS if soup["study"] == study(wildcards)["study"]]
+    return {"metrics": [run_path(rules.calibrate.output.metrics, r) for r in runs]
+            + [soup_path(rules.soup_calibrate.output.metrics, soup) for soup in soups],
+            "runs": [run_path(rules.finetune.output.run, r) for r in runs]
+            + [soup_path(rules.soup.output.run, soup) for soup in soups]}
 
 
 def report_description():

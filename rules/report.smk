@@ -15,6 +15,7 @@ rule report:
         manifests=sorted({rules.manifest.output.manifest.format(data=s["data"]) for s in STUDIES}),
         curves=[run_path(rules.calibrate.output.curve, r) for r in RUNS],
         train_logs=[run_path(rules.finetune.output.train_log, r) for r in RUNS],
+        per_class=[rules.per_class.output.table.format(dataset=s["dataset"], backbone=s["backbone"]) for s in STUDIES],
     output:
         index=report(f"{REPORT_DIR}/index.html", category="1. Report page", caption="../report/index.rst"),
         id_vs_ood=report(f"{REPORT_DIR}/id_vs_ood.png", category="2. Figures", caption="../report/id_vs_ood.rst",
@@ -26,6 +27,8 @@ rule report:
                            caption="../report/calibration.rst", labels={"figure": "3. Calibration"}),
         training_curves=report(f"{REPORT_DIR}/training_curves.png", category="2. Figures",
                                caption="../report/training_curves.rst", labels={"figure": "4. Training curves"}),
+        per_class_damage=report(f"{REPORT_DIR}/per_class_damage.png", category="2. Figures",
+                                caption="../report/per_class_damage.rst", labels={"figure": "5. Per-class damage"}),
         specs=[f"{REPORT_DIR}/{name}.vl.json" for name in CHART_NAMES],
         leaderboard=f"{REPORT_DIR}/leaderboard.txt",
         leaderboard_csv=report(f"{REPORT_DIR}/leaderboard.csv", category="3. Tables",

@@ -39,6 +39,7 @@ from robustft.io.progress import ProgressLog
 from robustft.io.tables import read_table, write_table
 from robustft.metrics import bootstrap_ci, group_accuracies
 from robustft.pipeline.stages import expected_feature_attrs, read_manifest
+from robustft.soups import is_soup, load_soup_state
 from robustft.training.checkpoint import load_safetensors
 
 log = logging.getLogger("robustft")
@@ -137,7 +138,7 @@ def sweep_stage(
     ref = reference_state(model, reference_head)
     run_dir = Path(run_json).parent
     run = json.loads(Path(run_json).read_text())
-    finetuned = load_run_state(run_dir, ref)
+    finetuned = load_soup_state(run_dir, ref) if is_soup(run) else load_run_state(run_dir, ref)
     head_only = encoder_unchanged(ref, finetuned)
     expected = expected_feature_attrs(meta, backbone)
     splits, roles = [], {}
