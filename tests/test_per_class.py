@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -78,3 +81,61 @@ def test_most_damaged_names_the_class_that_lost_most_averaged_over_seeds():
     worst = most_damaged(pd.DataFrame(rows, columns=PER_CLASS_COLUMNS), k=2)
     assert worst["class_name"].tolist() == ["a", "b"]
     assert worst["delta"].tolist() == pytest.approx([-0.3, -0.3])
+
+
+def test_per_class_stage_reads_the_reference_the_fine_tuned_and_the_chosen_alpha(tmp_path):
+    from robustft.io.logits import LogitSplit, sweep_logits_writer
+    from robustft.io.tables import read_table, write_table
+    from robustft.per_class import per_class_stage
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_analysis_stages import _write_manifest
+
+    names = ["dog", "cat", "bird"]
+    _write_manifest(tmp_path / "manifest.parquet", "imagefolder", names)
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    predictions = {0.0: [0, 1, 1, 1, 2, 2], 0.5: [0, 0, 1, 0, 2, 2], 1.0: [0, 0, 1, 1, 0, 0]}
+    splits = [LogitSplit(n, n.split("_")[0], n.split("_")[1], labels) for n in ("photo_val", "photo_test", "sketch_test")]
+    with sweep_logits_writer(tmp_path / "sweep.h5", alphas=[0.0, 0.5, 1.0], interpolations=["linear"], splits=splits,
+                             num_classes=3, head_only=False) as writer:
+        for split in splits:
+            for alpha, pred in predictions.items():
+                writer.write(split.name, "linear", alpha, 0, _logits_for(np.array(pred), 3))
+    (tmp_path / "run.json").write_text(json.dumps({"method": "full_ft", "variant": "default", "seed": 0}))
+    summary = pd.DataFrame([{"study": "s", "method": "full_ft", "variant": "default", "seed": 0, "eval_domain": "photo",
+                             "split": "val", "train_domain": "photo", "alpha": a, "selected_alpha": a == 0.5,
+                             "interpolation": "linear", "calibration": "none"} for a in (0.0, 0.5, 1.0)])
+    write_table(tmp_path / "summary.parquet", summary)
+    per_class_stage(manifest=str(tmp_path / "manifest.parquet"), summary=str(tmp_path / "summary.parquet"),
+                    sweep_logits=[str(tmp_path / "sweep.h5")], runs=[str(tmp_path / "run.json")],
+                    out=str(tmp_path / "per_class.parquet"))
+    table = read_table(tmp_path / "per_class.parquet", PER_CLASS_COLUMNS)
+    assert set(table["eval_domain"]) == {"photo", "sketch"} and set(table["split"]) == {"test"}  # never val
+    sketch = table[table["eval_domain"] == "sketch"].set_index(["point", "class_name"])
+    # reference per class: 1/2, 1, 1; alpha 1: 1, 1, 0; alpha 0.5 (chosen on photo val): 1, 1/2, 1
+    np.testing.assert_allclose(sketch.loc["fine-tuned"].loc[names, "delta"], [0.5, 0.0, -1.0])
+    np.testing.assert_allclose(sketch.loc["chosen"].loc[names, "delta"], [0.5, -0.5, 0.0])
+    assert set(sketch.loc["chosen", "alpha"]) == {0.5} and (sketch["study"] == "s").all()
+
+
+def test_report_heatmap_and_most_damaged_table():
+    from robustft.report import charts as C
+    from robustft.report.page import _most_damaged_table
+
+    rows = []
+    for method, deltas in (("full_ft", [0.1, -0.2, -0.9]), ("greedy_soup", [0.0, -0.3, 0.2])):
+        for domain in ("photo", "sketch"):
+            for c, d in enumerate(deltas):
+                rows.append({"study": "s", "method": method, "variant": "default" if method == "full_ft" else "full_ft",
+                             "seed": 0, "eval_domain": domain, "split": "test", "class_index": c,
+                             "class_name": ["dog", "cat", "horse"][c], "n": 10, "point": "chosen", "alpha": 0.5,
+                             "reference_accuracy": 0.9, "accuracy": 0.9 + d, "delta": d})
+    table = pd.DataFrame(rows, columns=PER_CLASS_COLUMNS)
+    data = C.per_class_damage(table, max_classes=2)
+    assert set(data["class_name"]) == {"horse", "cat"}  # the two classes that lost most under any method
+    spec = json.dumps(C.per_class_damage_chart(table).to_dict())
+    assert '"per_class_cells"' in spec and "greedy_soup (full_ft)" in spec
+    html = _most_damaged_table(table)
+    assert html.count("<tr class=") == 4  # one row per (method, domain)
+    assert "horse" in html and "-90.0" in html and "cat" in html and "-30.0" in html
+    assert "No per-class table" in json.dumps(C.per_class_damage_chart(None).to_dict())

@@ -33,8 +33,7 @@ def _run(world, variant: str, state: dict, **record) -> str:
     return str(run_dir / "run.json")
 
 
-def _soup(world, monkeypatch, kind: str, runs: list[str], source: str = "full_ft") -> tuple[dict, Path]:
-    monkeypatch.setattr(soup_stages, "build_backbone", lambda spec: world["backbone"])
+def _soup(world, kind: str, runs: list[str], source: str = "full_ft") -> tuple[dict, Path]:
     out = world["root"] / "runs" / f"{kind}_soup" / source / "seed0" / "run.json"
     record = soup_stages.soup_stage(
         manifest=str(world["root"] / "manifest.parquet"), backbone_spec={"name": "tiny"}, kind=kind, source=source,
@@ -45,10 +44,10 @@ def _soup(world, monkeypatch, kind: str, runs: list[str], source: str = "full_ft
     return record, out.parent
 
 
-def test_a_soup_of_identical_runs_is_the_run_and_sweeps_as_it(world, monkeypatch):
+def test_a_soup_of_identical_runs_is_the_run_and_sweeps_as_it(world):
     runs = [_run(world, v, world["finetuned"]) for v in ("a", "b", "c")]
     for kind in ("uniform", "greedy"):
-        record, soup_dir = _soup(world, monkeypatch, kind, runs)
+        record, soup_dir = _soup(world, kind, runs)
         state = load_file(str(soup_dir / "model.safetensors"))
         assert set(state) == set(world["finetuned"])
         assert all(torch.equal(state[k], v) for k, v in world["finetuned"].items())
@@ -66,18 +65,18 @@ def test_a_soup_of_identical_runs_is_the_run_and_sweeps_as_it(world, monkeypatch
         np.testing.assert_array_equal(soup_splits[name]["logits"]["linear"], split["logits"]["linear"])
 
 
-def test_a_uniform_soup_is_the_mean_and_greedy_scores_on_id_validation(world, monkeypatch):
+def test_a_uniform_soup_is_the_mean_and_greedy_scores_on_id_validation(world):
     g = torch.Generator().manual_seed(11)
     states = [{k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
                for k, v in world["finetuned"].items()} for _ in range(3)]
     runs = [_run(world, f"v{i}", s) for i, s in enumerate(states)]
-    _, soup_dir = _soup(world, monkeypatch, "uniform", runs)
+    _, soup_dir = _soup(world, "uniform", runs)
     state = load_file(str(soup_dir / "model.safetensors"))
     for key, value in state.items():
         if value.is_floating_point():
             want = torch.stack([s[key].double() for s in states]).mean(0).float()
             assert torch.equal(value, want), key
-    record, _ = _soup(world, monkeypatch, "greedy", runs)
+    record, _ = _soup(world, "greedy", runs)
     steps = record["soup"]["ingredients"]
     alone = [s["val_accuracy"] for s in steps]
     assert alone == sorted(alone, reverse=True) and len(steps) == 3  # tried best first
@@ -87,16 +86,16 @@ def test_a_uniform_soup_is_the_mean_and_greedy_scores_on_id_validation(world, mo
     assert record["best_val_accuracy"] == max(s["soup_val_accuracy"] for s in steps if s["kept"])
 
 
-def test_runs_of_another_protocol_cannot_be_souped(world, monkeypatch):
+def test_runs_of_another_protocol_cannot_be_souped(world):
     runs = [_run(world, "a", world["finetuned"]),
             _run(world, "b", world["finetuned"], absent_classes=["bird"], protocol={"kind": "class_subset"})]
     with pytest.raises(ValueError, match="full_ft/b/seed0 and full_ft/a/seed0 differ in 'protocol'"):
-        _soup(world, monkeypatch, "uniform", runs)
+        _soup(world, "uniform", runs)
 
 
-def test_calibration_and_summary_read_a_soup_as_a_run(world, monkeypatch):
+def test_calibration_and_summary_read_a_soup_as_a_run(world):
     runs = [_run(world, v, world["finetuned"]) for v in ("a", "b")]
-    _, soup_dir = _soup(world, monkeypatch, "uniform", runs)
+    _, soup_dir = _soup(world, "uniform", runs)
     _sweep({**world, "run_dir": soup_dir}, soup_dir / "sweep.h5")
     analysis.calibrate_stage(manifest=str(world["root"] / "manifest.parquet"), run_json=str(soup_dir / "run.json"),
                              sweep_logits_path=str(soup_dir / "sweep.h5"), id_domain="photo", gamma_source="val",

@@ -68,6 +68,15 @@ def reference_state(model: torch.nn.Module, head_path: str | Path) -> dict[str, 
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def reference_model(manifest: str, backbone_spec: dict, reference_head: str, device: str):
+    """(manifest metadata, backbone, device, classifier, reference state dict) for a stage that evaluates models."""
+    _, meta = read_manifest(manifest)
+    backbone = build_backbone(backbone_spec)
+    dev = resolve_device(device)
+    model = build_classifier(backbone, len(meta["class_names"]))
+    return meta, backbone, dev, model, reference_state(model, reference_head)
+
+
 def sample_rows(n_rows: int, n: int, seed: int) -> np.ndarray:
     """Sorted indices of a seeded random sample of ``min(n, n_rows)`` rows drawn over the whole split (without
     replacement): caches are sorted by class, so the first rows would show few classes."""
@@ -364,12 +373,8 @@ def pcv_logits_stage(
     """A PCV fold model's ID-validation logits at every alpha, the reference model's, and its pseudo-absent mask."""
     from robustft.training.run import load_run_state
 
-    _, meta = read_manifest(manifest)
+    meta, backbone, dev, model, ref = reference_model(manifest, backbone_spec, reference_head, device)
     class_names = meta["class_names"]
-    backbone = build_backbone(backbone_spec)
-    dev = resolve_device(device)
-    model = build_classifier(backbone, len(class_names))
-    ref = reference_state(model, reference_head)
     record = json.loads(Path(run_json).read_text())
     finetuned = load_run_state(Path(run_json).parent, ref)
     fold_absent = set(record.get("absent_classes") or [])

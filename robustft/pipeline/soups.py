@@ -12,12 +12,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from robustft.backbones import build_backbone
-from robustft.devices import resolve_device
-from robustft.evaluation import build_classifier, sweep_logits
+from robustft.evaluation import sweep_logits
 from robustft.io.atomic import write_json_atomic
-from robustft.pipeline.analysis import _checked_split, reference_state
-from robustft.pipeline.stages import expected_feature_attrs, read_manifest
+from robustft.pipeline.analysis import _checked_split, reference_model
+from robustft.pipeline.stages import expected_feature_attrs
 from robustft.soups import SOUP_FILE, SOUP_SEED, greedy_soup, soup_method, uniform_soup
 from robustft.training.checkpoint import save_safetensors
 from robustft.training.run import load_run_state
@@ -70,12 +68,8 @@ def soup_stage(
     recorded ID-validation accuracy, stream the ID validation pixels through the evaluation helpers."""
     started = time.perf_counter()
     names, records, dirs = _ingredients(runs)
-    _, meta = read_manifest(manifest)
+    meta, backbone, dev, model, ref = reference_model(manifest, backbone_spec, reference_head, device)
     class_names = meta["class_names"]
-    backbone = build_backbone(backbone_spec)
-    dev = resolve_device(device)
-    model = build_classifier(backbone, len(class_names))
-    ref = reference_state(model, reference_head)
     first = records[names[0]]
     absent = set(first.get("absent_classes") or [])
     seen = np.array([c not in absent for c in class_names])
