@@ -28,7 +28,7 @@ def test_soups_are_runs_with_summary_rows_and_per_class_damage(tmp_path):
     write_config(tmp_path, config)
     study = study_dir(tmp_path, config)
     per_class = study / "per_class.parquet"
-    run_pipeline(tmp_path, "results/summary.parquet", str(per_class.relative_to(tmp_path)))
+    run_pipeline(tmp_path, "results/summary.parquet", str(per_class.relative_to(tmp_path)), timeout=2400)
     summary = read_summary(tmp_path)
     runs = summary[["method", "variant", "seed"]].drop_duplicates()
     assert set(map(tuple, runs.values.tolist())) == {("full_ft", "default", 0), ("full_ft", "lr3", 0),

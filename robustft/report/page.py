@@ -164,7 +164,8 @@ def _most_damaged_table(per_class: pd.DataFrame | None) -> str:
         "chosen α (%)": (100 * worst["accuracy"]).map("{:.1f}".format),
         "Δ (points)": (100 * worst["delta"]).map("{:+.1f}".format)})
     return ("<h3>The class each method damaged most</h3>"
-            + _html_table(shown, worst, text_cols=("study", "method", "variant", "domain", "class")))
+            + _html_table(shown, worst, text_cols=("study", "method", "variant", "domain", "class"),
+                          css="leaderboard per-class"))
 
 
 # -------------------------------------------------------------------------------------------------------- charts
