@@ -28,6 +28,8 @@ KNOWN_METHOD_COLOURS = {
     "lora": "#b07aa1",
     "saft": "#d37295",
     "flyp": "#9c755f",
+    "uniform_soup": "#1b9e77",  # model soups (robustft.soups): runs of their own, after the methods they average
+    "greedy_soup": "#6a3d9a",
 }
 _SPARE_COLOURS = ("#17becf", "#8c564b", "#bcbd22", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f")
 _DASHES = ([1, 0], [6, 3], [2, 2], [8, 3, 2, 3], [1, 3])
