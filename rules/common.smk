@@ -28,6 +28,7 @@ from robustft.config import (
     variant_protocol,
 )
 from robustft.code_closure import CodeClosure
+from robustft.soups import soup_table
 from robustft.network import set_jobs_offline
 from snakemake.utils import validate
 
@@ -57,6 +58,7 @@ config.update(_validated_config(config))
 STUDIES = study_table(config)
 RUNS = run_table(config)
 STUDY = {s["study"]: s for s in STUDIES}
+SOUPS = soup_table(config, STUDIES)  # model soups of each study's runs (rules/soups.smk)
 BACKBONES = {s["backbone"]: s["backbone_spec"] for s in STUDIES}  # backbone key -> backbone block
 DATA = {s["data"]: s["dataset_spec"] for s in STUDIES}  # manifest key -> a dataset block with its settings
 PREPROCESS = {s["preprocess"]: pixel_spec(s["backbone_spec"]) for s in STUDIES}  # pixel cache key -> spec
@@ -163,8 +165,17 @@ def run_path(template, run):
                            variant=run["variant"], seed=run["seed"])
 
 
+def soup_path(template, soup):
+    """``template`` (a soup rule's output) for one row of SOUPS."""
+    return template.format(dataset=soup["dataset"], backbone=soup["backbone"], kind=soup["kind"], source=soup["source"])
+
+
 def study_runs(s):
     return [r for r in RUNS if r["study"] == s["study"]]
+
+
+def study_soups(s):
+    return [soup for soup in SOUPS if soup["study"] == s["study"]]
 
 
 # ----------------------------------------------------------------------------------------------- input functions
@@ -292,10 +303,55 @@ def features_pixels(wildcards):
 
 
 def study_summary_inputs(wildcards):
-    """Every run of one study: its metrics and run.json."""
+    """Every run of one study, and its soups: their metrics and run.json."""
     runs = study_runs(study(wildcards))
-    return {"metrics": [run_path(rules.calibrate.output.metrics, r) for r in runs],
-            "runs": [run_path(rules.finetune.output.run, r) for r in runs]}
+    soups = study_soups(study(wildcards))
+    return {"metrics": [run_path(rules.calibrate.output.metrics, r) for r in runs]
+            + [soup_path(rules.soup_calibrate.output.metrics, soup) for soup in soups],
+            "runs": [run_path(rules.finetune.output.run, r) for r in runs]
+            + [soup_path(rules.soup.output.run, soup) for soup in soups]}
+
+
+# ------------------------------------------------------------------------- model soups, per-class damage
+
+
+def soup_of(wildcards):
+    """The row of SOUPS (robustft.soups.soup_table) of a soup job."""
+    key = (f"{wildcards.dataset}/{wildcards.backbone}", wildcards.kind, wildcards.source)
+    for soup in SOUPS:
+        if (soup["study"], soup["kind"], soup["source"]) == key:
+            return soup
+    raise WorkflowError(f"no {wildcards.kind} soup of {wildcards.source} in study {key[0]} (see soups: in the config)")
+
+
+def soup_inputs(wildcards):
+    """The soup's ingredients (their run.json) and the ID validation caches greedy selection is scored on."""
+    soup = soup_of(wildcards)
+    runs = [run_path(rules.finetune.output.run, {**soup, **r}) for r in soup["ingredients"]]
+    return {**study_inputs(wildcards, "pcv_logits"), "runs": runs}
+
+
+def soup_sweep_inputs(wildcards):
+    """As rule sweep's (sweep_inputs), the soup's protocol deciding whether gamma's training sample is read."""
+    inputs = dict(study_inputs(wildcards, "sweep"))
+    if config["calibration"]["gamma_source"] == "train" and soup_of(wildcards)["protocol"]["kind"] == "class_subset":
+        inputs.update(study_inputs(wildcards, "gamma_source"))
+    return inputs
+
+
+def per_class_inputs(wildcards):
+    """The study's summary (each run's chosen alpha), and every run's and soup's sweep logits with its run.json."""
+    s = study(wildcards)
+    runs = [r for r in study_runs(s) if r["method"] != "zeroshot"]  # zeroshot is the reference: no change
+    soups = study_soups(s)
+    return {
+        "manifest": study_manifest(wildcards),
+        "summary": rules.study_summary.output.summary.format(dataset=s["dataset"], backbone=s["backbone"]),
+        "logits": [run_path(rules.sweep.output.logits, r) for r in runs]
+        + [soup_path(rules.soup_sweep.output.logits, soup) for soup in soups],
+        "runs": [run_path(rules.finetune.output.run, r) for r in runs]
+        + [soup_path(rules.soup.output.run, soup) for soup in soups],
+    }
 
 
 def report_description():

@@ -159,8 +159,11 @@ def expected_jobs(config: dict) -> dict[str, int]:
     """
     from robustft.config import cap_key, resolved_variant, run_table, study_table, validate_config, variant_protocol
 
+    from robustft.soups import soup_table
+
     cfg = validate_config(config)
     studies, runs = study_table(cfg), run_table(cfg)
+    soups = len(soup_table(cfg, studies))
     subset = sum(variant_protocol(resolved_variant(cfg, r["method"], r["variant"]))["kind"] == "class_subset"
                  for r in runs)
     folds = cfg["calibration"]["pcv_folds"] * subset
@@ -174,7 +177,8 @@ def expected_jobs(config: dict) -> dict[str, int]:
             features.add((s["backbone"], s["data"], domain, split, cap_key(caps[split])))
     return {"weights": len({s["backbone"] for s in studies}), "manifest": len({s["data"] for s in studies}), "pixel_cache": len(pixels), "features": len(features),
             "reference": len(studies), "finetune": len(runs), "finetune_pcv": folds, "pcv_logits": folds,
-            "sweep": len(runs), "calibrate": len(runs), "study_summary": len(studies), "summary": 1, "all": 1}
+            "sweep": len(runs), "calibrate": len(runs), "study_summary": len(studies), "summary": 1, "all": 1,
+            **({"soup": soups, "soup_sweep": soups, "soup_calibrate": soups} if soups else {})}
 
 
 def only_study(config: dict) -> dict:

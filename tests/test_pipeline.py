@@ -68,8 +68,8 @@ N_CLASSES = 7
 KILL_SEED = int(os.environ.get("ROBUSTFT_KILL_SEED", random.SystemRandom().randrange(10**6)))
 #: Rules that read the summary (rules/analyses.smk), one job each per config.
 ANALYSES = {"effective_robustness", "paired_tests", "recommendation"}
-#: Rules that follow the summary (the analyses, the report) and the target rule: allowed in every "what reruns" answer.
-AFTER_SUMMARY = {"study_summary", "summary", *ANALYSES, "report", "all"}
+#: Rules that follow the summary (per-class damage, the analyses, the report) and the target rule: allowed in every "what reruns" answer.
+AFTER_SUMMARY = {"study_summary", "summary", "per_class", *ANALYSES, "report", "all"}
 #: The restricted runs stop at the summary (the session's run builds the report as well).
 SUMMARY = "results/summary.parquet"
 
@@ -136,7 +136,7 @@ def test_dry_run_of_the_embedded_config_lists_every_job(tmp_path):
     expected = expected_jobs(config)
     extra = {rule: n for rule, n in jobs.items() if rule not in expected}
     assert {rule: jobs.get(rule, 0) for rule in expected} == expected, f"dry run job counts {jobs}\n{output_tail(proc)}"
-    assert set(extra) <= {"report", *ANALYSES} and all(n == 1 for n in extra.values()), f"unexpected jobs {extra}"
+    assert set(extra) <= {"report", "per_class", *ANALYSES} and all(n == 1 for n in extra.values()), f"unexpected jobs {extra}"
     # writes nothing: no results/ folder, no metadata
     assert not (tmp_path / "results").exists()
 

@@ -76,7 +76,7 @@ DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
 #: programs cluster.sh needs; it apt-get installs the missing ones
 SLURM_PROGRAMS = ("slurmctld", "slurmd", "sbatch", "munged", "slurmdbd", "mariadbd")
 LOCAL_RULES = {"weights", "study_summary", "summary", "report", "all"}
-GPU_RULES = {"features", "finetune", "finetune_pcv", "sweep", "pcv_logits"}
+GPU_RULES = {"features", "finetune", "finetune_pcv", "sweep", "pcv_logits", "soup", "soup_sweep"}
 RUN_TIMEOUT = float(os.environ.get("ROBUSTFT_SLURM_TIMEOUT", "1200"))
 
 #: The tiny PACS config, smaller still: zeroshot and full_ft only, one OOD domain, two alphas. Batches of 4 give

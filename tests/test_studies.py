@@ -204,8 +204,9 @@ def test_removing_a_backbone_and_adding_it_back_recomputes_nothing(studies):
 
 
 def test_the_matrix_report_is_built(studies):
-    """The report over the 2 x 2 matrix: it only reads the summary and the runs' curves and logs."""
-    assert _dry_run(studies.workdir, studies.m, "results/report/index.html") == {"report": 1}
+    """The report over the 2 x 2 matrix: it reads the summary, the runs' curves and logs and each study's per-class
+    table (built from the sweeps already there)."""
+    assert _dry_run(studies.workdir, studies.m, "results/report/index.html") == {"per_class": 4, "report": 1}
     run_pipeline(studies.workdir, timeout=1800)
     report = studies.workdir / "results" / "report"
     page = (report / "index.html").read_text()
@@ -248,8 +249,10 @@ def test_dry_run_of_a_3_backbone_2_dataset_every_method_matrix(tmp_path):
     studies, runs = 3 * 2, 3 * 2 * 12 * 2  # 12 variants, 2 seeds
     by_hand = {"weights": 3, "manifest": 1, "pixel_cache": 3 * 6, "features": 3 * 6, "reference": studies,
                "finetune": runs, "finetune_pcv": studies * 2 * 2, "pcv_logits": studies * 2 * 2, "sweep": runs, "calibrate": runs,
-               "study_summary": studies, "summary": 1, "all": 1}
+               "study_summary": studies, "summary": 1, "all": 1,
+               # soups per study: uniform and greedy of full_ft's 2 seeds, and of the mixed soup's 6 methods x 2 seeds
+               "soup": studies * 4, "soup_sweep": studies * 4, "soup_calibrate": studies * 4}
     assert expected_jobs(config) == by_hand
     assert {rule: jobs.get(rule, 0) for rule in by_hand} == by_hand, jobs
-    assert set(jobs) - set(by_hand) <= {"report"}
+    assert set(jobs) - set(by_hand) <= {"report", "per_class"}
     assert not (tmp_path / "results").exists()

@@ -18,6 +18,7 @@ with rule_log(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
         out_dir=Path(o.index).parent,
         run_studies=list(p.run_studies),  # the study of each run, in the order of the curves and train logs
         analysis_paths={name: getattr(i, name) for name in ("effective_robustness", "paired_tests", "recommendation")},
+        per_class_paths=list(i.per_class),
     )
 
 # after rule_log has handed stdout back: Snakemake does not capture a script's stdout, so this reaches the terminal

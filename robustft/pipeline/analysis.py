@@ -39,6 +39,7 @@ from robustft.io.progress import ProgressLog
 from robustft.io.tables import read_table, write_table
 from robustft.metrics import bootstrap_ci, group_accuracies
 from robustft.pipeline.stages import expected_feature_attrs, read_manifest
+from robustft.soups import is_soup, load_soup_state
 from robustft.training.checkpoint import load_safetensors
 
 log = logging.getLogger("robustft")
@@ -65,6 +66,15 @@ def reference_state(model: torch.nn.Module, head_path: str | Path) -> dict[str, 
     head = load_safetensors(Path(head_path))
     model.head.load_state_dict({"weight": head["head.weight"], "bias": head["head.bias"]})
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def reference_model(manifest: str, backbone_spec: dict, reference_head: str, device: str):
+    """(manifest metadata, backbone, device, classifier, reference state dict) for a stage that evaluates models."""
+    _, meta = read_manifest(manifest)
+    backbone = build_backbone(backbone_spec)
+    dev = resolve_device(device)
+    model = build_classifier(backbone, len(meta["class_names"]))
+    return meta, backbone, dev, model, reference_state(model, reference_head)
 
 
 def sample_rows(n_rows: int, n: int, seed: int) -> np.ndarray:
@@ -137,7 +147,7 @@ def sweep_stage(
     ref = reference_state(model, reference_head)
     run_dir = Path(run_json).parent
     run = json.loads(Path(run_json).read_text())
-    finetuned = load_run_state(run_dir, ref)
+    finetuned = load_soup_state(run_dir, ref) if is_soup(run) else load_run_state(run_dir, ref)
     head_only = encoder_unchanged(ref, finetuned)
     expected = expected_feature_attrs(meta, backbone)
     splits, roles = [], {}
@@ -363,12 +373,8 @@ def pcv_logits_stage(
     """A PCV fold model's ID-validation logits at every alpha, the reference model's, and its pseudo-absent mask."""
     from robustft.training.run import load_run_state
 
-    _, meta = read_manifest(manifest)
+    meta, backbone, dev, model, ref = reference_model(manifest, backbone_spec, reference_head, device)
     class_names = meta["class_names"]
-    backbone = build_backbone(backbone_spec)
-    dev = resolve_device(device)
-    model = build_classifier(backbone, len(class_names))
-    ref = reference_state(model, reference_head)
     record = json.loads(Path(run_json).read_text())
     finetuned = load_run_state(Path(run_json).parent, ref)
     fold_absent = set(record.get("absent_classes") or [])

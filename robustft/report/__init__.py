@@ -7,7 +7,8 @@ the functions load on first use.
 from __future__ import annotations
 
 #: The charts, each written as ``<name>.png`` and ``<name>.vl.json`` beside ``index.html``.
-CHART_NAMES = ("id_vs_ood", "accuracy_change", "calibration", "training_curves", "effective_robustness")
+CHART_NAMES = ("id_vs_ood", "accuracy_change", "calibration", "training_curves", "per_class_damage",
+               "effective_robustness")
 #: The leaderboard files beside ``index.html``.
 LEADERBOARD_FILES = ("leaderboard.txt", "leaderboard.csv")
 
@@ -17,7 +18,8 @@ _API = {
     "id_vs_ood_chart": "charts", "id_vs_ood_points": "charts", "leaderboard": "charts",
     "leaderboard_text": "charts", "leaderboard_display": "charts", "accuracy_change": "charts",
     "accuracy_change_chart": "charts", "calibration_chart": "charts", "training_curves": "charts",
-    "training_curves_chart": "charts", "method_colours": "charts",
+    "training_curves_chart": "charts", "method_colours": "charts", "per_class_damage": "charts",
+    "per_class_damage_chart": "charts",
 }
 
 __all__ = ["CHART_NAMES", "LEADERBOARD_FILES", *_API]

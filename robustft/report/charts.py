@@ -28,6 +28,8 @@ KNOWN_METHOD_COLOURS = {
     "lora": "#b07aa1",
     "saft": "#d37295",
     "flyp": "#9c755f",
+    "uniform_soup": "#1b9e77",  # model soups (robustft.soups): runs of their own, after the methods they average
+    "greedy_soup": "#6a3d9a",
 }
 _SPARE_COLOURS = ("#17becf", "#8c564b", "#bcbd22", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#7f7f7f")
 _DASHES = ([1, 0], [6, 3], [2, 2], [8, 3, 2, 3], [1, 3])
@@ -900,3 +902,70 @@ def _thin(frame: pd.DataFrame, keys: list[str], max_points: int, order: str) -> 
             group = group.iloc[idx]
         parts.append(group)
     return pd.concat(parts) if parts else frame
+
+
+# ------------------------------------------------------------------------------------------- 6. per-class damage
+#: Classes the per-class heatmap shows per study at most: those that lost most under any method.
+PER_CLASS_MAX_CLASSES = 24
+
+
+def per_class_damage(table: pd.DataFrame, max_classes: int = PER_CLASS_MAX_CLASSES) -> pd.DataFrame:
+    """The per-class table (robustft.per_class) at the chosen alpha, seed means per (study, series, domain, class),
+    restricted per study to the ``max_classes`` classes with the largest loss under any series."""
+    columns = ["study", "series", "method", "variant", "eval_domain", "class_name", "delta", "reference_accuracy",
+               "accuracy", "alpha", "n_seeds"]
+    if table is None or table.empty:
+        return pd.DataFrame(columns=columns)
+    rows = table[table["point"] == "chosen"]
+    data = (rows.groupby(["study", "method", "variant", "eval_domain", "class_index", "class_name"], as_index=False,
+                         sort=False)
+            .agg(delta=("delta", "mean"), reference_accuracy=("reference_accuracy", "mean"),
+                 accuracy=("accuracy", "mean"), alpha=("alpha", "mean"), n_seeds=("seed", "nunique")))
+    data["series"] = [series_label(m, v) for m, v in zip(data["method"], data["variant"])]
+    keep = []
+    for _, block in data.groupby("study", sort=False):
+        worst = block.groupby("class_name")["delta"].min().sort_values(kind="stable")
+        keep.append(block[block["class_name"].isin(worst.index[:max_classes])])
+    return pd.concat(keep, ignore_index=True)[columns] if keep else pd.DataFrame(columns=columns)
+
+
+def per_class_damage_chart(table: pd.DataFrame | None) -> alt.TopLevelMixin:
+    """Heatmap classes x methods, one panel per test domain: the change in each class's accuracy from the reference
+    model at the alpha chosen on ID validation (seed mean, no calibration); one block per study."""
+    title = "Per-class change in test accuracy from the reference model (chosen α, no calibration)"
+    data = per_class_damage(table)
+    if data.empty:
+        return _themed(_note("No per-class table (no fine-tuned runs).", title))
+    blocks = []
+    studies = list(pd.unique(data["study"]))
+    for study in studies:
+        block = data[data["study"] == study].assign(delta_pp=lambda d: 100 * d["delta"])
+        tag = f"_{len(blocks)}" if blocks else ""
+        limit = max(1.0, float(np.nanmax(np.abs(block["delta_pp"])))) if block["delta_pp"].notna().any() else 1.0
+        order = []
+        for m in method_order(block["method"]):
+            order += sorted(block.loc[block["method"] == m, "series"].unique(), key=lambda s: (s != m, s))
+        classes = list(block.sort_values("delta")["class_name"].drop_duplicates())
+        domains = list(pd.unique(block["eval_domain"]))
+        width = max(120, 22 * len(classes))
+        columns = max(1, min(len(domains), 1000 // (width + 40)))
+        chart = alt.Chart(block).mark_rect(stroke="white", strokeWidth=1).properties(
+            name=f"per_class_cells{tag}", width=width, height=max(60, 18 * len(order))).encode(
+            x=alt.X("class_name:N", sort=classes, title=None, axis=alt.Axis(labelAngle=-45, labelLimit=110)),
+            y=alt.Y("series:N", sort=order, title=None, axis=alt.Axis(labelLimit=180)),
+            color=alt.Color("delta_pp:Q", title="Δ accuracy (points)",
+                            scale=alt.Scale(scheme="redblue", domain=[-limit, limit], domainMid=0),
+                            legend=alt.Legend(orient="right", gradientLength=140, format="+.0f")),
+            tooltip=[alt.Tooltip("series:N", title="method"), alt.Tooltip("eval_domain:N", title="domain"),
+                     alt.Tooltip("class_name:N", title="class"),
+                     alt.Tooltip("reference_accuracy:Q", title="reference", format=".1%"),
+                     alt.Tooltip("accuracy:Q", title="accuracy", format=".1%"),
+                     alt.Tooltip("delta_pp:Q", title="Δ (points)", format="+.1f"),
+                     alt.Tooltip("alpha:Q", title="chosen α (mean)", format=".2f"), "n_seeds:Q"],
+        ).facet(facet=alt.Facet("eval_domain:N", sort=domains, title=None,
+                                header=alt.Header(labelFontWeight="bold")), columns=columns).properties(
+            title=alt.Title(f"{title}: {study}" if len(studies) > 1 else title,
+                            subtitle="Blue: the class gained; red: it lost. The classes that lost most under any "
+                                     "method, at most %d." % PER_CLASS_MAX_CLASSES))
+        blocks.append(chart)
+    return _themed(_stack(blocks).resolve_scale(color="independent") if len(blocks) > 1 else blocks[0])

@@ -40,6 +40,13 @@ CAPTIONS = {
         "trades seen-class for absent-class accuracy. ALG picks γ from the average logit gap, PCV by pseudo-absent "
         "cross-validation.",
     ),
+    "per_class_damage": (
+        "Per-class damage",
+        "Each class's test accuracy at the α chosen on ID validation minus the reference model's (α = 0), per "
+        "domain, in accuracy points (seed mean, no calibration; the table per-class.parquet holds α = 1 as well). "
+        "An average gain can hide classes a method destroyed; the table below names the class each method damaged "
+        "most in each domain.",
+    ),
     "training_curves": (
         "Training curves",
         "Per-step loss (total and each term of the method's objective) and ID validation accuracy at epoch ends, one "
@@ -132,18 +139,51 @@ def load_train_logs(paths: Sequence[str | Path], studies: Sequence[str] | None =
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def load_per_class(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """The per-class tables of the studies (robustft.per_class), one frame."""
+    from robustft.per_class import PER_CLASS_COLUMNS
+
+    frames = [read_table(p, PER_CLASS_COLUMNS) for p in paths]
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=PER_CLASS_COLUMNS)
+
+
+def _most_damaged_table(per_class: pd.DataFrame | None) -> str:
+    """The class each method (variant) damaged most per domain at its chosen alpha, as an HTML table."""
+    from robustft.per_class import most_damaged
+
+    if per_class is None or per_class.empty:
+        return ""
+    worst = most_damaged(per_class)
+    if worst.empty:
+        return "<p class=\"note\">No class lost accuracy at the chosen α.</p>"
+    several = worst["study"].nunique() > 1
+    shown = pd.DataFrame({
+        **({"study": worst["study"]} if several else {}),
+        "method": worst["method"], "variant": worst["variant"], "domain": worst["eval_domain"],
+        "class": worst["class_name"], "reference (%)": (100 * worst["reference_accuracy"]).map("{:.1f}".format),
+        "chosen α (%)": (100 * worst["accuracy"]).map("{:.1f}".format),
+        "Δ (points)": (100 * worst["delta"]).map("{:+.1f}".format)})
+    return ("<h3>The class each method damaged most</h3>"
+            + _html_table(shown, worst, text_cols=("study", "method", "variant", "domain", "class"),
+                          css="leaderboard per-class"))
+
+
 # -------------------------------------------------------------------------------------------------------- charts
 def build_charts(summary: pd.DataFrame, curves: pd.DataFrame | None = None, logs: pd.DataFrame | None = None,
                  ood_domains: Sequence[str] | None = None,
-                 analyses: Mapping[str, pd.DataFrame] | None = None) -> dict[str, Any]:
+                 analyses: Mapping[str, pd.DataFrame] | None = None,
+                 per_class: pd.DataFrame | None = None) -> dict[str, Any]:
     """Every chart of the report, by name (the names in ``CHART_NAMES``); ``analyses``: the tables of
-    :func:`robustft.report.analyses.load_analyses`."""
+    :func:`robustft.report.analyses.load_analyses`; ``per_class``: the per-class tables (robustft.per_class) of the
+    studies."""
     methods = summary["method"].unique()
     return {
         "id_vs_ood": C.id_vs_ood_chart(summary, ood_domains),
         "accuracy_change": C.accuracy_change_chart(summary, ood_domains),
         "calibration": C.calibration_chart(summary, curves if curves is not None else pd.DataFrame(), ood_domains),
         "training_curves": C.training_curves_chart(logs if logs is not None else pd.DataFrame(), methods),
+        "per_class_damage": C.per_class_damage_chart(per_class),
         "effective_robustness": A.effective_robustness_chart((analyses or {}).get("effective_robustness")),
     }
 
@@ -166,12 +206,14 @@ def write_report(
     png_scale: float = 2.0,
     run_studies: Sequence[str] | None = None,
     analysis_paths: Mapping[str, str | Path] | None = None,
+    per_class_paths: Sequence[str | Path] = (),
 ) -> dict[str, Path]:
     """Write ``index.html``, ``<chart>.png`` and ``<chart>.vl.json`` per chart, and ``leaderboard.{txt,csv}``.
 
     ``run_studies[i]`` is the study of ``curve_paths[i]`` and ``train_log_paths[i]`` (the same runs, in the same
     order); it may be left out when the summary holds one study. ``analysis_paths``: the tables of
     rules/analyses.smk by name (:data:`robustft.report.analyses.ANALYSIS_TABLES`), each shown in its own section.
+    ``per_class_paths``: each study's per-class table.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +228,8 @@ def write_report(
     logs = load_train_logs(train_log_paths, None if run_studies is None else run_studies[: len(train_log_paths)])
     ood = ((config.get("dataset") or {}).get("ood_domains")) or None
     analyses = A.load_analyses(analysis_paths)
-    charts = build_charts(summary, curves, logs, ood, analyses)
+    per_class = load_per_class(per_class_paths)
+    charts = build_charts(summary, curves, logs, ood, analyses, per_class)
     tables = C.leaderboards(summary, ood)
     written: dict[str, Path] = {}
     specs = {}
@@ -200,7 +243,7 @@ def write_report(
     flat = flat[["study", *[c for c in flat.columns if c != "study"]]]
     flat.attrs = {}
     written["leaderboard.csv"] = _write_text(out / "leaderboard.csv", flat.to_csv(index=False))
-    page = render_page(specs, tables, summary, curves, config, analyses)
+    page = render_page(specs, tables, summary, curves, config, analyses, per_class)
     written["index.html"] = _write_text(out / "index.html", page)
     return written
 
@@ -215,7 +258,7 @@ def _write_text(path: Path, text: str) -> Path:
 # ---------------------------------------------------------------------------------------------------------- page
 def render_page(specs: Mapping[str, dict], tables: Mapping[str, pd.DataFrame] | pd.DataFrame, summary: pd.DataFrame,
                 curves: pd.DataFrame | None, config: Mapping[str, Any],
-                analyses: Mapping[str, pd.DataFrame] | None = None) -> str:
+                analyses: Mapping[str, pd.DataFrame] | None = None, per_class: pd.DataFrame | None = None) -> str:
     """The HTML page: configuration, every chart (Vega-Lite specs embedded, Vega inlined) and the leaderboards (one
     per study, and across backbones per dataset where a dataset has several)."""
     if isinstance(tables, pd.DataFrame):
@@ -226,7 +269,8 @@ def render_page(specs: Mapping[str, dict], tables: Mapping[str, pd.DataFrame] | 
                 f"from <code>results/summary.parquet</code> ({len(summary)} rows, {len(runs)} runs"
                 + (f", {len(tables)} studies" if len(tables) > 1 else "") + ").</p></header>",
                 _config_section(config, summary)]
-    order = ["id_vs_ood", "leaderboard", "accuracy_change", "calibration", "training_curves"]
+    order = ["id_vs_ood", "leaderboard", "accuracy_change", "per_class_damage", "calibration", "training_curves"]
+    order = [name for name in order if name in specs or name == "leaderboard"]
     number = 0
     for name in order:
         number += 1
@@ -244,6 +288,8 @@ def render_page(specs: Mapping[str, dict], tables: Mapping[str, pd.DataFrame] | 
             body += (f"<div class=\"chart\" id=\"chart-{name}\" data-chart=\"{name}\" data-status=\"pending\"></div>"
                      f"<p class=\"files\">Files: <a href=\"{name}.png\">{name}.png</a> · "
                      f"<a href=\"{name}.vl.json\">{name}.vl.json</a> (Vega-Lite)</p>")
+        if name == "per_class_damage":
+            body += _most_damaged_table(per_class)
         sections.append(f"<section id=\"{name}\"><h2>{number}. {_e(heading)}</h2>{body}</section>")
     sections += A.analysis_sections(number + 1, analyses or {})
     spec_tags = "\n".join(f"<script type=\"application/json\" id=\"spec-{name}\">{_json_for_script(spec)}</script>"
