@@ -100,3 +100,25 @@ def test_a_single_process_group_needs_no_process_group():
     assert Group(0, 2).counts(5) == [3, 2]
     with pytest.raises(ValueError, match="rank 2 outside"):
         Group(2, 2)
+
+
+def test_slurm_dry_run_asks_for_the_variants_devices_on_one_node(tmp_path):
+    """``training.devices: 2``: each finetune job asks Slurm for 2 GPUs on one node (with the gpu limit raised)."""
+    import os
+    import re
+    import subprocess
+
+    from pipeline_utils import REPO, SNAKEMAKE  # noqa: E402
+
+    config = tmp_path / "devices.yaml"
+    config.write_text("training: {devices: 2}\n")
+    proc = subprocess.run([str(SNAKEMAKE), "--profile", "slurm", "-n", "--forceall", "--configfile", str(config),
+                           "--resources", "gpu=2", "--until", "finetune"], capture_output=True, text=True,
+                          timeout=300, cwd=str(REPO), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    jobs = re.findall(r"^rule (finetune|features):\n((?:    .*\n)*)", out, re.M)
+    requested = {rule: dict(item.split("=", 1) for item in re.search(r"resources: (.*)", body)[1].split(", "))
+                 for rule, body in jobs}
+    assert requested["finetune"]["gpu"] == "2" and requested["finetune"]["nodes"] == "1", requested["finetune"]
+    assert requested["features"]["gpu"] == "1"

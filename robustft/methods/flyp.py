@@ -149,4 +149,4 @@ class FLYP(Method):
         return {**state, **stored_head(model.clip, self.tokenizer, self.prompt_names, self.templates)}
 
     def summary(self, model: nn.Module, ctx: "TrainContext") -> dict[str, Any]:
-        return {"templates": len(self.templates), "logit_scale": float(model.clip.logit_scale.exp())}
+        return {"templates": len(self.templates), "logit_scale": float(model.clip.logit_scale.detach().exp())}
