@@ -10,7 +10,9 @@ contribution is already weighted by its share of the step), so the ranks stay bi
 
 from __future__ import annotations
 
+import logging
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -127,8 +129,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _rank_logging(rank: int) -> None:
+    """Rank 0's ``robustft`` log lines (progress, notes) to stderr, which the job's log holds; other ranks: warnings."""
+    logger = logging.getLogger("robustft")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
 def _rank_entry(rank: int, fn: Callable[..., Any], world_size: int, device: str, port: int, threads: int | None,
                 args: tuple) -> None:
+    _rank_logging(rank)
     dev = rank_device(torch.device(device), rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
