@@ -124,7 +124,7 @@ def main(argv=None) -> None:
                      "step overhead %": round((step_s / base_step - 1) * 100, 1), "run s": round(run_s, 2),
                      "run overhead %": round((run_s / base_run - 1) * 100, 1), "CPU s (all ranks)": round(cpu_s, 1),
                      "CPU overhead %": round((cpu_s / base_cpu - 1) * 100, 1)})
-    print(table(rows, title=f"same global batch {args.batch_size}, median of {args.repeats}"))
+    table(rows, title=f"same global batch {args.batch_size}, median of {args.repeats}")
     write_json(args.json, {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
     tmp_ctx.cleanup()
 
