@@ -36,6 +36,9 @@ run extraction_96px "$PYTHON" bench/bench_extraction.py --n 500 --image-size 96 
 # 2. training: shared trainer vs plain loop (demo resolution and batch)
 run training "$PYTHON" bench/bench_training.py --image-size 96 --batch-size 32 --steps 30 --repeats 3 --finetune-run \
   --device "$DEVICE" "${common[@]}" --json "$OUT/training.json"
+# ... gradient accumulation and 2 data-parallel ranks (gloo on CPU, NCCL on CUDA) at the same global batch
+run parallel "$PYTHON" bench/bench_parallel.py --image-size 96 --batch-size 32 --steps 12 --micro-splits 4 --repeats 3 \
+  --device "$DEVICE" "${common[@]}" --json "$OUT/parallel.json"
 # ... reading the caches: chunk layout before/after, sequential and in the trainer's random order, warm and cold
 run reads "$PYTHON" bench/bench_reads.py --mb 200 --repeats 3 "${common[@]}" --json "$OUT/reads.json"
 # 3. WiSE-FT sweep of 11 alphas: demo-sized eval splits, then the tiny test config's sizes

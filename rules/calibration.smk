@@ -42,7 +42,7 @@ rule finetune_pcv:
         code=code_version("finetune_pcv.py"),
     threads: 2
     resources:
-        gpu=1,
+        gpu=job_devices,
     log:
         "results/logs/finetune_pcv/{dataset}/{backbone}/{method}/{variant}/seed{seed}/fold{fold}.log",
     conda:

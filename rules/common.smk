@@ -276,6 +276,17 @@ def _variant_json(method, variant):
 
 
 @functools.cache
+def _variant_devices(method, variant):
+    resolved = resolved_variant(config, method, variant)
+    return int(resolved["overrides"].get("devices", resolved["training"].get("devices", 1)))
+
+
+def job_devices(wildcards):
+    """The data-parallel ranks (GPUs on one node) of a fine-tuning job: its variant's `devices` (default 1)."""
+    return _variant_devices(wildcards.method, wildcards.variant)
+
+
+@functools.cache
 def is_class_subset(method, variant):
     return variant_protocol(resolved_variant(config, method, variant))["kind"] == "class_subset"
 

@@ -18,7 +18,7 @@ rule finetune:
         code=code_version("finetune.py"),
     threads: 2
     resources:
-        gpu=1,
+        gpu=job_devices,  # training.devices: ranks of torch.distributed, one GPU each, one node
     log:
         "results/logs/finetune/{dataset}/{backbone}/{method}/{variant}/seed{seed}.log",
     conda:

@@ -59,3 +59,13 @@ def tiny_data(per_class: int = 8, seed: int = 0, size: int = 8) -> PixelSplit:
     noise = torch.randint(-40, 40, (len(labels), size, size, 3), generator=g).float()
     pixels = (base[:, None, None, :] + noise).clamp(0, 255).to(torch.uint8)
     return PixelSplit(pixels, labels, torch.arange(len(labels)))
+
+
+class NormFreeBackbone(TinyBackbone):
+    """:class:`TinyBackbone` without its BatchNorm (an identity instead): a training step's result does not depend on
+    how its batch is cut into micro-batches or ranks (batch statistics would)."""
+
+    def build_encoder(self) -> nn.Module:
+        encoder = super().build_encoder()
+        encoder.bn = nn.Identity()
+        return encoder

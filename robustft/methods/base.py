@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.context import Batch, TrainContext
+    from robustft.training.context import Batch, StepBatches, TrainContext
 
 PROTOCOL_KINDS = ("full", "kshot", "class_subset")
 #: JSON-schema keywords a hyperparameter may declare besides its description
@@ -80,6 +80,12 @@ class TrainingHyperparameters:
     checkpoint_every: int = hyperparameter(
         200, "Also write a resumable checkpoint every this many optimizer steps (0: at epoch ends only).", minimum=0)
     eval_batch_size: int = hyperparameter(256, "Examples per forward pass of the per-epoch validation.", minimum=1)
+    micro_batch_size: int | None = hyperparameter(
+        None, "Examples per forward/backward pass on one device; gradients accumulate over the micro-batches of a "
+        "step, which still updates on batch_size examples (null: the whole batch of the device at once).", minimum=1)
+    devices: int = hyperparameter(
+        1, "Data-parallel ranks of a run (torch.distributed: NCCL, one GPU each, on CUDA; gloo processes on CPU); "
+        "batch_size is the global batch and must be a multiple of it.", minimum=1)
     #: {"kind": "full"} | {"kind": "kshot", "k": 16[, "seed": s]} | {"kind": "class_subset", "absent_classes": [...]}
     #: (the config's top-level ``protocol:`` block, not a ``training:`` key)
     protocol: dict = field(default_factory=lambda: {"kind": "full"})
@@ -91,7 +97,7 @@ class TrainingHyperparameters:
             raise ValueError(f"norm_statistics: expected 'train' or 'frozen', got {self.norm_statistics!r}")
         if self.select not in ("best_val", "last"):
             raise ValueError(f"select: expected 'best_val' or 'last', got {self.select!r}")
-        for name in ("epochs", "batch_size", "warmup_steps", "checkpoint_every", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "warmup_steps", "checkpoint_every", "eval_batch_size", "devices"):
             value = getattr(self, name)
             if isinstance(value, float) and value.is_integer():
                 setattr(self, name, value := int(value))
@@ -99,6 +105,16 @@ class TrainingHyperparameters:
                 raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("batch_size and eval_batch_size must be at least 1")
+        if self.devices < 1:
+            raise ValueError(f"devices: expected a positive integer, got {self.devices!r}")
+        if self.batch_size % self.devices:
+            raise ValueError(f"batch_size: {self.batch_size} is not a multiple of devices ({self.devices})")
+        if self.micro_batch_size is not None:
+            if isinstance(self.micro_batch_size, float) and self.micro_batch_size.is_integer():
+                self.micro_batch_size = int(self.micro_batch_size)
+            if not isinstance(self.micro_batch_size, int) or isinstance(self.micro_batch_size, bool) \
+                    or self.micro_batch_size < 1:
+                raise ValueError(f"micro_batch_size: expected a positive integer or null, got {self.micro_batch_size!r}")
         if self.grad_clip is None:
             self.grad_clip = 0.0
         for name in ("lr", "weight_decay", "grad_clip", "label_smoothing"):
@@ -221,8 +237,42 @@ class Method:
                     module.eval()
 
     def loss(self, model: nn.Module, batch: "Batch", ctx: "TrainContext") -> dict[str, Tensor]:
-        """Named loss terms; the trainer back-propagates their sum."""
+        """Named loss terms, each a mean over the examples of ``batch`` (a micro-batch under accumulation)."""
         return {"ce": ctx.cross_entropy(model(batch.inputs), batch.labels)}
+
+    def step_penalties(self, model: nn.Module, ctx: "TrainContext") -> dict[str, Tensor]:
+        """Named terms of the weights alone (L2-SP, EWC...): added once per optimizer step, not per micro-batch."""
+        return {}
+
+    def accumulate_gradients(self, model: nn.Module, step: "StepBatches", ctx: "TrainContext") -> dict[str, Tensor]:
+        """Back-propagate this rank's part of the step's loss; returns that part of each term (detached).
+
+        The step's loss is the mean over its ``step.total`` examples (on every rank) of :meth:`loss` plus
+        :meth:`step_penalties`: each micro-batch's mean is weighted by its share of the step, and the penalties by
+        1 / ranks, so that the gradients and terms summed over micro-batches and ranks equal one pass over the whole
+        batch. A method whose loss is not a mean over examples (FLYP's contrastive loss) overrides this.
+        """
+        terms: dict[str, Tensor] = {}
+
+        def scaled(parts: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
+            return parts if weight == 1.0 else {k: v * weight for k, v in parts.items()}
+
+        def backward(parts: dict[str, Tensor]) -> None:
+            if parts:
+                sum(parts.values()).backward()
+            for k, v in parts.items():
+                terms[k] = terms[k] + v.detach() if k in terms else v.detach()
+
+        share = 1.0 / step.group.world_size
+        for i, batch in enumerate(step.micro):
+            with ctx.autocast():
+                parts = scaled(self.loss(model, batch, ctx), len(batch.labels) / step.total)
+            if i == len(step.micro) - 1:  # the penalties join the last micro-batch's backward pass
+                parts.update(scaled(self.step_penalties(model, ctx), share))
+            backward(parts)
+        if not step.micro:  # no example on this rank in the step's (short, last) batch
+            backward(scaled(self.step_penalties(model, ctx), share))
+        return terms
 
     def after_step(self, model: nn.Module, ctx: "TrainContext") -> None:
         """Called after each optimizer step (e.g. SAFT resets unselected weights)."""

@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from robustft.fisher import diagonal_fisher, ewc_penalty
 from robustft.methods.base import Method, TrainingHyperparameters, detached_copy, hyperparameter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.context import Batch, TrainContext
+    from robustft.training.context import TrainContext
 
 
 @dataclass
@@ -38,21 +39,30 @@ class EWC(Method):
         model.requires_grad_(True)
         params = dict(model.named_parameters())
         self.anchor = detached_copy(params)
+        group = ctx.group
+        self.fisher_count = min(len(ctx.train), self.hp.fisher_examples or len(ctx.train))
         self.fisher = diagonal_fisher(
             model,
-            ctx.batches(images=True, shuffle="fisher", limit=self.hp.fisher_examples),
+            ctx.batches(images=True, shuffle="fisher", limit=self.hp.fisher_examples, shard=True),
             params=params,
-            generator=ctx.generator("fisher-labels"),
+            # each rank draws the labels of its own rows from a stream of its own
+            generator=ctx.generator("fisher-labels", *([group.rank] if group.parallel else [])),
             max_examples=self.hp.fisher_examples,
         )
-        self.fisher_count = min(len(ctx.train), self.hp.fisher_examples or len(ctx.train))
+        if group.parallel:  # the mean over every rank's examples: sum the ranks' sums
+            local = len(group.shard(torch.arange(self.fisher_count)))
+            sums = [f.mul_(local) for f in self.fisher.values()]
+            group.all_reduce_(sums)
+            for f in sums:
+                f.div_(self.fisher_count)
         return model
 
     def penalty(self, model: nn.Module) -> Tensor:
         return ewc_penalty(dict(model.named_parameters()), self.anchor, self.fisher, self.hp.strength)
 
-    def loss(self, model: nn.Module, batch: "Batch", ctx: "TrainContext") -> dict[str, Tensor]:
-        return {"ce": ctx.cross_entropy(model(batch.inputs), batch.labels), "ewc": self.penalty(model)}
+    def step_penalties(self, model: nn.Module, ctx: "TrainContext") -> dict[str, Tensor]:
+        """The Fisher-weighted pull, once per optimizer step (the cross-entropy is the default :meth:`loss`)."""
+        return {"ewc": self.penalty(model)}
 
     def summary(self, model: nn.Module, ctx: "TrainContext") -> dict[str, Any]:
         return {"fisher_examples_used": self.fisher_count}

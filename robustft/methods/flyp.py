@@ -26,7 +26,7 @@ from robustft.methods.base import Method, TrainingHyperparameters, hyperparamete
 from robustft.methods.clip_towers import build_clip_for, clip_predictor, reference_templates, stored_head
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.context import Batch, TrainContext
+    from robustft.training.context import Batch, StepBatches, TrainContext
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -53,6 +53,12 @@ def clip_contrastive_loss(image_features: Tensor, text_features: Tensor, logit_s
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
+def embedding_dim(clip: nn.Module) -> int:
+    """The width of CLIP's joint embedding."""
+    projection = getattr(clip, "text_projection", None)
+    return int(projection.shape[-1]) if isinstance(projection, Tensor) else int(clip.visual.output_dim)
+
+
 class FLYP(Method):
     name = "flyp"
     hyperparameters = FLYPHyperparameters
@@ -68,16 +74,65 @@ class FLYP(Method):
         flyp.requires_grad_(True)
         return flyp
 
+    def texts(self, batch: "Batch", choice: list[int]) -> list[str]:
+        """The batch's training prompts: template ``choice[i]`` of class ``labels[i]``."""
+        return [self.templates[t].format(self.prompt_names[y]) for t, y in zip(choice, batch.labels.tolist())]
+
+    def template_choice(self, ctx: "TrainContext", total: int) -> Tensor:
+        """A template per example of the step's whole batch (seeded by the step: the same whatever the split)."""
+        return torch.randint(len(self.templates), (total,), generator=ctx.generator("flyp-templates", ctx.step))
+
+    def features(self, clip: nn.Module, batch: "Batch", choice: list[int], ctx: "TrainContext") -> tuple[Tensor, Tensor]:
+        """L2-normalised (image, text) features of the batch's pairs, in fp32."""
+        tokens = self.tokenizer(self.texts(batch, choice)).to(ctx.device)
+        with ctx.autocast():
+            image, text = clip.encode_image(batch.inputs), clip.encode_text(tokens)
+        return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+
     def loss(self, model: nn.Module, batch: "Batch", ctx: "TrainContext") -> dict[str, Tensor]:
-        clip = model.clip
-        generator = ctx.generator("flyp-templates", ctx.step)
-        choice = torch.randint(len(self.templates), (len(batch.labels),), generator=generator).tolist()
-        labels = batch.labels.tolist()
-        texts = [self.templates[t].format(self.prompt_names[y]) for t, y in zip(choice, labels)]
-        tokens = self.tokenizer(texts).to(ctx.device)
-        image = F.normalize(clip.encode_image(batch.inputs).float(), dim=-1)
-        text = F.normalize(clip.encode_text(tokens).float(), dim=-1)
-        return {"clip": clip_contrastive_loss(image, text, clip.logit_scale.exp().float())}
+        """The contrastive loss of ``batch`` taken as a whole step."""
+        choice = self.template_choice(ctx, len(batch.labels)).tolist()
+        image, text = self.features(model.clip, batch, choice, ctx)
+        return {"clip": clip_contrastive_loss(image, text, model.clip.logit_scale.exp().float())}
+
+    def accumulate_gradients(self, model: nn.Module, step: "StepBatches", ctx: "TrainContext") -> dict[str, Tensor]:
+        """The contrastive loss of the whole step, over every micro-batch and rank (GradCache, Gao et al. 2021).
+
+        The loss pairs every image of the step with every text, so it is no mean over micro-batches. One batch on
+        one rank: the plain loss and backward pass. Otherwise: (1) every micro-batch's features without gradients,
+        (2) the features of all ranks gathered and the loss computed on them, with its gradients with respect to the
+        features and to the logit scale (each rank computes the same; the scale's gradient is divided by the ranks,
+        whose gradients the trainer sums), (3) each micro-batch's features again with gradients, back-propagated
+        from this rank's rows of the feature gradients. The result equals one pass over the whole batch (the
+        encoders must be deterministic: open_clip's have no dropout by default).
+        """
+        clip, group = model.clip, step.group
+        choice = self.template_choice(ctx, step.total)
+        choices = [choice[p].tolist() for p in step.positions]
+        if len(step.micro) == 1 and step.size == step.total:
+            image, text = self.features(clip, step.micro[0], choices[0], ctx)
+            loss = clip_contrastive_loss(image, text, clip.logit_scale.exp().float())
+            loss.backward()
+            return {"clip": loss.detach()}
+        with torch.no_grad():
+            pairs = [self.features(clip, b, c, ctx) for b, c in zip(step.micro, choices)]
+        empty = torch.zeros((0, embedding_dim(clip)), device=ctx.device)  # a rank without rows in a short batch
+        image = torch.cat([p[0] for p in pairs]) if pairs else empty
+        text = torch.cat([p[1] for p in pairs]) if pairs else empty
+        counts = group.counts(step.total)
+        every_image = group.all_gather_rows(image, counts).requires_grad_(True)
+        every_text = group.all_gather_rows(text, counts).requires_grad_(True)
+        loss = clip_contrastive_loss(every_image, every_text, clip.logit_scale.exp().float())
+        grad_image, grad_text, grad_scale = torch.autograd.grad(loss, [every_image, every_text, clip.logit_scale])
+        grad_scale = grad_scale / group.world_size
+        clip.logit_scale.grad = grad_scale if clip.logit_scale.grad is None else clip.logit_scale.grad + grad_scale
+        start = sum(counts[: group.rank])
+        for batch, c in zip(step.micro, choices):
+            stop = start + len(c)
+            image, text = self.features(clip, batch, c, ctx)
+            ((image * grad_image[start:stop]).sum() + (text * grad_text[start:stop]).sum()).backward()
+            start = stop
+        return {"clip": loss.detach() / group.world_size}
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, ctx: "TrainContext") -> None:
@@ -94,4 +149,4 @@ class FLYP(Method):
         return {**state, **stored_head(model.clip, self.tokenizer, self.prompt_names, self.templates)}
 
     def summary(self, model: nn.Module, ctx: "TrainContext") -> dict[str, Any]:
-        return {"templates": len(self.templates), "logit_scale": float(model.clip.logit_scale.exp())}
+        return {"templates": len(self.templates), "logit_scale": float(model.clip.logit_scale.detach().exp())}

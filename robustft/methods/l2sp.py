@@ -18,7 +18,7 @@ from robustft.fisher import l2_to_anchor
 from robustft.methods.base import Method, TrainingHyperparameters, detached_copy, hyperparameter, split_encoder_head
 
 if TYPE_CHECKING:  # pragma: no cover
-    from robustft.training.context import Batch, TrainContext
+    from robustft.training.context import TrainContext
 
 
 @dataclass
@@ -43,10 +43,10 @@ class L2SP(Method):
         self.encoder_anchor, self.head_anchor = detached_copy(encoder), detached_copy(head)
         return model
 
-    def loss(self, model: nn.Module, batch: "Batch", ctx: "TrainContext") -> dict[str, Tensor]:
+    def step_penalties(self, model: nn.Module, ctx: "TrainContext") -> dict[str, Tensor]:
+        """The pulls toward the start, once per optimizer step (the cross-entropy is the default :meth:`loss`)."""
         encoder, head = split_encoder_head(dict(model.named_parameters()))
         return {
-            "ce": ctx.cross_entropy(model(batch.inputs), batch.labels),
             f"{self.name}_encoder": self.hp.encoder_strength * self.penalty(encoder, self.encoder_anchor),
             f"{self.name}_head": self.hp.head_strength * self.penalty(head, self.head_anchor),
         }

@@ -77,6 +77,11 @@ class SAFTHyperparameters(TrainingHyperparameters):
             raise ValueError(f"towers: expected one of {list(TOWERS)} or null, got {self.towers!r}")
 
 
+def pass_size(ctx: "TrainContext") -> int:
+    """Examples (or prompts) per forward pass: the micro-batch size when gradients accumulate, else the batch's."""
+    return ctx.hp.micro_batch_size or ctx.hp.batch_size // ctx.hp.devices
+
+
 def top_fraction_masks(scores: Mapping[str, Tensor], fraction: float) -> dict[str, Tensor]:
     """Boolean masks selecting the global top ``fraction`` of all entries of ``scores`` (at least one entry)."""
     names = list(scores)
@@ -142,7 +147,7 @@ class SAFT(Method):
         was_training = model.training
         model.eval()
         try:
-            for batch in ctx.batches(images=True, batch_size=ctx.hp.batch_size):
+            for batch in ctx.batches(images=True, batch_size=pass_size(ctx), shard=True):
                 with ctx.autocast():
                     logits = model(batch.inputs)
                 loss = F.cross_entropy(logits.float(), batch.labels, reduction="sum")
@@ -152,6 +157,7 @@ class SAFT(Method):
                         sums[n].add_(g)
         finally:
             model.train(was_training)
+        ctx.group.all_reduce_(list(sums.values()))  # each rank scored its share of the rows
         return {n: (s / len(ctx.train)).abs() for n, s in sums.items()}
 
     def clip_gradient_scores(self, model: SaftClip, ctx: "TrainContext") -> dict[str, Tensor]:
@@ -173,13 +179,15 @@ class SAFT(Method):
                 embeddings = model.text_embeddings().float()
             embeddings.requires_grad_(True)
             embedding_grad = torch.zeros_like(embeddings)
-            for batch in ctx.batches(images=True, batch_size=ctx.hp.batch_size):
+            for batch in ctx.batches(images=True, batch_size=pass_size(ctx), shard=True):
                 with ctx.autocast():
                     image = model.clip.encode_image(batch.inputs)
                 loss = F.cross_entropy(model.logits(image, embeddings), batch.labels, reduction="sum")
                 *grads, grad_e = torch.autograd.grad(loss, [*image_params.values(), embeddings], allow_unused=True)
                 accumulate(image_params, grads)
                 embedding_grad.add_(grad_e)
+            # each rank scored its share of the rows; every rank then runs the (same) text backward pass
+            ctx.group.all_reduce_([embedding_grad, *(sums[n] for n in image_params)])
             for s in range(0, len(model.tokens), model.chunk):
                 with ctx.autocast():
                     chunk = model.clip.encode_text(model.tokens[s : s + model.chunk]).float()
@@ -203,7 +211,7 @@ class SAFT(Method):
             tokens = self.tokenizer(class_prompts(self.prompt_names, self.templates))
             head = model.head
             model.cpu()  # the ImageClassifier's encoder is not trained (the CLIP model's visual tower is): off the GPU
-            model = SaftClip(clip, tokens, len(self.prompt_names), head, ctx.hp.batch_size).to(ctx.device)
+            model = SaftClip(clip, tokens, len(self.prompt_names), head, pass_size(ctx)).to(ctx.device)
             model.requires_grad_(True)
             scores = self.clip_gradient_scores(model, ctx)
         else:

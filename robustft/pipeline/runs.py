@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from robustft.config import variant_protocol
+from robustft.distributed import SINGLE, Group, spawn
 from robustft.io.arrays import ColumnReader, load_arrays
 from robustft.pipeline.stages import read_manifest
 from robustft.training.checkpoint import load_safetensors
@@ -54,27 +55,47 @@ def finetune_stage(
 ) -> dict:
     """Fine-tune one run, streaming its inputs from the caches; ``settings`` is the variant's resolved JSON
     (``robustft.config.resolved_variant``), ``templates`` the backbone's prompt-template set."""
-    from robustft.training.run import RunData, RunSpec, finetune_run
+    from robustft.training.run import RunSpec
 
-    _, meta = read_manifest(manifest)
     settings = json.loads(settings) if isinstance(settings, str) else settings
     spec = RunSpec(method=method, seed=int(seed), variant=variant,
                    hparams={**settings["overrides"], **(extra_overrides or {})}, training=settings["training"],
                    templates=templates)
-    head = load_safetensors(Path(reference_head))
-    with contextlib.ExitStack() as stack:
-        data = RunData(class_names=meta["class_names"], prompt_names=meta["prompt_names"],
-                       train=open_split("train", train_pixels, train_features, stack),
-                       val=open_split("val", val_pixels, val_features, stack))
-        record = finetune_run(
-            spec, data, backbone=backbone_spec,
-            reference_head={"head.weight": head["head.weight"], "head.bias": head["head.bias"]},
-            run_dir=Path(run_json).parent, device=device,
-            extra_record={"pipeline_commit": pipeline_commit(), "manifest_hash": meta["manifest_hash"]},
-        )
+    stage = {"manifest": manifest, "backbone_spec": backbone_spec, "spec": spec, "train_pixels": train_pixels,
+             "val_pixels": val_pixels, "train_features": train_features, "val_features": val_features,
+             "reference_head": reference_head, "run_json": run_json, "device": device}
+    ranks = spec.hyperparameters().devices
+    if ranks == 1:
+        record = _stage_rank(SINGLE, stage)
+    else:  # one process a device, each streaming its share from the caches (robustft.distributed)
+        from robustft.training.run import read_run_record
+
+        dev = spec.device(device)
+        log.info("run %s/%s/seed%s: %d data-parallel ranks on %s", method, variant, seed, ranks, dev.type)
+        spawn(_stage_rank, ranks, (stage,), device=dev,
+              threads=max(1, torch.get_num_threads() // ranks) if dev.type == "cpu" else None)
+        record = read_run_record(Path(run_json).parent)
     log.info("run %s/%s/seed%s: best val accuracy %s, %.1f s", method, variant, seed,
              record.get("best_val_accuracy"), record["wall_time_s"])
     return record
+
+
+def _stage_rank(group: Group, stage: dict[str, Any]) -> dict:
+    """One rank of :func:`finetune_stage`: open the caches and train (rank 0 writes the run directory)."""
+    from robustft.training.run import RunData, finetune_run
+
+    _, meta = read_manifest(stage["manifest"])
+    head = load_safetensors(Path(stage["reference_head"]))
+    with contextlib.ExitStack() as stack:
+        data = RunData(class_names=meta["class_names"], prompt_names=meta["prompt_names"],
+                       train=open_split("train", stage["train_pixels"], stage["train_features"], stack),
+                       val=open_split("val", stage["val_pixels"], stage["val_features"], stack))
+        return finetune_run(
+            stage["spec"], data, backbone=stage["backbone_spec"],
+            reference_head={"head.weight": head["head.weight"], "head.bias": head["head.bias"]},
+            run_dir=Path(stage["run_json"]).parent, device=stage["device"], group=group,
+            extra_record={"pipeline_commit": pipeline_commit(), "manifest_hash": meta["manifest_hash"]},
+        )
 
 
 def pcv_fold_classes(class_names: list[str], absent: list[str], n_folds: int, fraction: float, seed: int, fold: int) -> list[str]:

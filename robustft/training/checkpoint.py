@@ -100,10 +100,10 @@ class TrainState:
 class ResumeCheckpoints:
     """The resumable state of one run in ``directory`` (None: checkpoints off): ``resume.pt`` with weights, optimizer,
     scheduler, RNG states and :class:`TrainState`, keyed by ``fingerprint``; ``best.safetensors`` with the tensors
-    of the best epoch so far."""
+    of the best epoch so far. ``write`` False: only read them (the data-parallel ranks other than rank 0)."""
 
-    def __init__(self, directory: Path | None, fingerprint: str, device: torch.device) -> None:
-        self.fingerprint, self.device = fingerprint, device
+    def __init__(self, directory: Path | None, fingerprint: str, device: torch.device, write: bool = True) -> None:
+        self.fingerprint, self.device, self.write = fingerprint, device, write
         self.resume_path = Path(directory) / RESUME_FILE if directory else None
         self.best_path = Path(directory) / BEST_FILE if directory else None
 
@@ -122,7 +122,7 @@ class ResumeCheckpoints:
                           best_val=saved["best_val"], best_epoch=saved["best_epoch"])
 
     def save(self, state: TrainState, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-        if self.resume_path is None:
+        if self.resume_path is None or not self.write:
             return
         save_resume_checkpoint(self.resume_path, {
             "fingerprint": self.fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -132,7 +132,7 @@ class ResumeCheckpoints:
         })
 
     def save_best(self, tensors: Mapping[str, Tensor]) -> None:
-        if self.best_path is not None:
+        if self.best_path is not None and self.write:
             save_safetensors(self.best_path, tensors)
 
     def load_best(self) -> dict[str, Tensor]:

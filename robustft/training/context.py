@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustft.devices import autocast_for
+from robustft.distributed import SINGLE, Group
 from robustft.training.data import READ_BLOCK_BYTES, Loaded, Split, read_batches
 
 
@@ -31,6 +32,26 @@ class Batch(NamedTuple):
     features: Tensor | None = None
 
 
+@dataclass
+class StepBatches:
+    """This rank's share of one optimizer step: its micro-batches (of ``micro_batch_size`` examples), the positions
+    of their rows in the step's whole batch (over every rank), and that batch's size ``total``.
+
+    A method's loss of the step is a function of the whole batch; :meth:`robustft.methods.base.Method.accumulate_gradients`
+    back-propagates this rank's part of it, which the trainer then sums over the ranks.
+    """
+
+    micro: list[Batch]
+    positions: list[Tensor]
+    total: int
+    group: Group = SINGLE
+
+    @property
+    def size(self) -> int:
+        """Examples this rank holds."""
+        return sum(len(b.labels) for b in self.micro)
+
+
 def derive_seed(seed: int, *tags: str | int) -> int:
     """A 63-bit seed determined by ``seed`` and ``tags`` (independent streams for order, flips, templates...)."""
     codes = [zlib.crc32(t.encode()) if isinstance(t, str) else int(t) for t in tags]
@@ -41,7 +62,8 @@ def derive_seed(seed: int, *tags: str | int) -> int:
 class TrainContext:
     """What hooks may read: hyperparameters, data, device, backbone, class names, the current step.
 
-    ``hp`` is the method's ``TrainingHyperparameters`` (:mod:`robustft.methods.base`). ``templates``: the
+    ``hp`` is the method's ``TrainingHyperparameters`` (:mod:`robustft.methods.base`). ``group``: this process's
+    rank among the run's data-parallel ranks (:data:`robustft.distributed.SINGLE` for one process). ``templates``: the
     backbone's prompt-template set (``backbone.templates`` in the config; FLYP and SAFT read it). ``fit``: the
     trainer, set by it, for a method that trains a stage of its own first (LP-FT's linear probe, :meth:`fit_stage`).
     """
@@ -61,6 +83,7 @@ class TrainContext:
     state: dict[str, Any] = field(default_factory=dict)
     read_block_bytes: int = READ_BLOCK_BYTES
     fit: Callable[..., Any] | None = None
+    group: Group = SINGLE  #: the data-parallel ranks of this run (:mod:`robustft.distributed`)
 
     def with_hp(self, hp: Any) -> "TrainContext":
         return dataclasses.replace(self, hp=hp, state={}, step=0, epoch=0)
@@ -86,9 +109,11 @@ class TrainContext:
         return read_batches(split, order, batch_size, columns, first_batch=first_batch,
                             block_bytes=self.read_block_bytes, pin=self.device.type == "cuda")
 
-    def to_batch(self, loaded: Loaded, *, images: bool, flip_step: int | None = None) -> Batch:
-        """The :class:`Batch` of ``loaded``: normalised pixels (flipped at random when ``flip_step`` is given) or
-        features as inputs, and the features too when they were read beside the pixels."""
+    def to_batch(self, loaded: Loaded, *, images: bool, flip_step: int | None = None, flip: Tensor | None = None
+                 ) -> Batch:
+        """The :class:`Batch` of ``loaded``: normalised pixels (flipped at random when ``flip_step`` is given, or
+        where the boolean ``flip`` says) or features as inputs, and the features too when they were read beside the
+        pixels."""
         move = lambda t: t.to(self.device, non_blocking=t.is_pinned())  # noqa: E731
         labels = move(loaded.labels).long()
         features = loaded.columns.get("features")
@@ -98,8 +123,9 @@ class TrainContext:
         if self.normalize is None:
             raise ValueError("this method trains on images but no normalisation was given")
         x = self.normalize(move(loaded.columns["pixels"]))
-        if flip_step is not None:
+        if flip is None and flip_step is not None:
             flip = torch.rand(len(loaded.rows), generator=self.generator("flip", flip_step)) < 0.5
+        if flip is not None:
             x = torch.where(flip.to(self.device).view(-1, 1, 1, 1), x.flip(3), x)
         return Batch(x, labels, loaded.rows, features)
 
@@ -111,17 +137,22 @@ class TrainContext:
         batch_size: int | None = None,
         shuffle: str | None = None,
         limit: int | None = None,
+        shard: bool = False,
     ) -> Iterator[Batch]:
         """Deterministic passes for ``prepare`` hooks and evaluation, streamed from the split's readers: in row
-        order, or in a permutation seeded by tag ``shuffle``; ``limit``: the first ``limit`` rows of that order only."""
+        order, or in a permutation seeded by tag ``shuffle``; ``limit``: the first ``limit`` rows of that order only;
+        ``shard``: this rank's share of those rows only (:meth:`robustft.distributed.Group.shard`; the caller sums
+        its result over the ranks)."""
         split = self.train if split is None else split
         n = len(split)
         order = torch.arange(n) if shuffle is None else torch.randperm(n, generator=self.generator(shuffle))
         if limit is not None:
             order = order[:limit]
+        if shard:
+            order = self.group.shard(order)
         column = "pixels" if images else "features"
         for loaded in self.load(split, order, batch_size or self.hp.eval_batch_size, (column,)):
             yield self.to_batch(loaded, images=images)
 
 
-__all__ = ["Batch", "Split", "TrainContext", "derive_seed"]
+__all__ = ["Batch", "Split", "StepBatches", "TrainContext", "derive_seed"]

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from robustft.backbones import Backbone, build_backbone
 from robustft.devices import resolve_device
+from robustft.distributed import SINGLE, Group, rank_device
 from robustft.io.atomic import write_json_atomic
 from robustft.io.tables import write_table
 from robustft.methods import get_method
@@ -46,6 +47,8 @@ from robustft.training.protocols import ProtocolSelection, select_protocol
 from robustft.training.trainer import TrainResult, evaluate_accuracy, log_frame
 from robustft.training.trainer import train as train_model
 
+#: hyperparameters that change how a step is computed, not what it computes (to fp32 rounding)
+HOW_COMPUTED = ("devices", "micro_batch_size")
 RUN_FILE = "run.json"
 LOG_FILE = "train_log.parquet"
 #: The keys finetune_run writes into run.json.
@@ -186,9 +189,11 @@ def select_splits(hp: TrainingHyperparameters, data: RunData, seed: int) -> tupl
 
 def run_fingerprint(spec: RunSpec, hp: TrainingHyperparameters, backbone: dict, data: RunData,
                     selection: ProtocolSelection, n_val: int) -> str:
-    """What a resume checkpoint must match: the run, its settings, backbone, classes and training rows."""
+    """What a resume checkpoint must match: the run, its settings, backbone, classes and training rows (not how the
+    steps are computed: a run may resume with other ``devices`` or ``micro_batch_size``)."""
+    settings = {k: v for k, v in dataclasses.asdict(hp).items() if k not in HOW_COMPUTED}
     return _fingerprint(
-        method=spec.method, variant=spec.variant, hp=dataclasses.asdict(hp), seed=spec.seed, backbone=backbone,
+        method=spec.method, variant=spec.variant, hp=settings, seed=spec.seed, backbone=backbone,
         classes=data.class_names, n_val=n_val,
         rows=hashlib.sha256(np.ascontiguousarray(selection.train_indices).tobytes()).hexdigest(),
     )
@@ -205,9 +210,13 @@ def finetune_run(
     checkpoint_dir: Path | None = None,
     on_step_end: Callable[[int], None] | None = None,
     extra_record: Mapping[str, Any] | None = None,
+    group: Group = SINGLE,
 ) -> dict:
     """Fine-tune the reference model (``backbone``'s encoder + ``reference_head``) as ``spec`` says on ``data``;
     write the run directory and return its run.json record.
+
+    ``group``: this process's rank when the run trains on several (:func:`finetune_ranks` starts them); every rank
+    trains, rank 0 alone writes the run directory (the others return the same record).
 
     ``backbone``: a backbone spec or a :class:`Backbone`. ``checkpoint_dir`` (default ``<run_dir>.resume``) holds
     the resumable state; ``on_step_end(step)`` runs after each optimizer step. ``extra_record``: further top-level
@@ -221,7 +230,10 @@ def finetune_run(
         raise ValueError(f"extra_record may not replace run.json keys {clashes}")
     hp = spec.hyperparameters()
     backbone = backbone if isinstance(backbone, Backbone) else build_backbone(backbone)
-    dev = spec.device(device)
+    dev = rank_device(spec.device(device), group.rank) if group.parallel else spec.device(device)
+    if hp.devices != group.world_size:
+        raise ValueError(f"devices: the run asks for {hp.devices} ranks but runs in {group.world_size}; start it "
+                         f"with finetune_ranks")
     data.check_for(method_cls, hp)
     selection, train_split, val_split = select_splits(hp, data, spec.seed)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else run_dir.with_name(run_dir.name + ".resume")
@@ -234,17 +246,21 @@ def finetune_run(
         ctx = TrainContext(
             hp=hp, seed=spec.seed, device=dev, train=train_split, val=val_split,
             normalize=backbone.preprocessing.normalize, backbone=backbone, class_names=data.class_names,
-            prompt_names=data.prompt_names, templates=spec.templates,
+            prompt_names=data.prompt_names, templates=spec.templates, group=group,
         )
         if runner.trains:
             fingerprint = run_fingerprint(spec, hp, identity, data, selection, len(val_split))
             result = train_model(model, runner, ctx, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
                                  on_step_end=on_step_end)
-            size = save_safetensors(run_dir / runner.checkpoint_file, result.tensors, result.metadata)
+            size = save_safetensors(run_dir / runner.checkpoint_file, result.tensors, result.metadata) \
+                if group.is_main else 0
             log, outcome = result.log, trained_record(runner, result, ctx)
         else:
             size, log, outcome = 0, log_frame([]), reference_record(runner, model, ctx, total_parameters)
 
+    if not group.is_main:
+        group.barrier()  # rank 0 writes the run directory and removes the resume folder
+        return {"method": spec.method, "variant": spec.variant, "seed": int(spec.seed), **outcome}
     write_table(run_dir / LOG_FILE, log, metadata={"method": spec.method, "variant": spec.variant, "seed": spec.seed})
     record = {
         "method": spec.method,
@@ -269,7 +285,30 @@ def finetune_run(
     }
     write_json_atomic(run_dir / RUN_FILE, record)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    group.barrier()
     return record
+
+
+def _finetune_rank(group: Group, kwargs: dict[str, Any]) -> None:
+    finetune_run(group=group, **kwargs)
+
+
+def finetune_ranks(spec: RunSpec, data: RunData, *, device: str = "auto", threads: int | None = None,
+                   **kwargs: Any) -> dict:
+    """:func:`finetune_run` on ``spec``'s ``devices`` ranks (one process each, :func:`robustft.distributed.spawn`):
+    gloo on CPU, NCCL with one GPU a rank on CUDA; the record rank 0 wrote. One device: in this process.
+
+    ``data``, the backbone and ``on_step_end`` must pickle (in-memory splits; the pipeline opens the caches in each
+    rank instead, :func:`robustft.pipeline.runs.finetune_stage`). ``threads``: torch CPU threads of each rank.
+    """
+    from robustft.distributed import spawn
+
+    ranks = spec.hyperparameters().devices
+    if ranks == 1:
+        return finetune_run(spec, data, device=device, **kwargs)
+    spawn(_finetune_rank, ranks, ({"spec": spec, "data": data, "device": device, **kwargs},),
+          device=spec.device(device), threads=threads)
+    return read_run_record(kwargs["run_dir"])
 
 
 def trained_record(method: Method, result: TrainResult, ctx: TrainContext) -> dict[str, Any]:

@@ -13,6 +13,7 @@ The pieces, each usable alone: :func:`build_optimization`, :func:`train_epoch` (
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from torch import Tensor, nn
 
 from robustft.io.progress import ProgressLog
 from robustft.training.checkpoint import BEST_FILE, RESUME_FILE, ResumeCheckpoints, TrainState
-from robustft.training.context import Batch, Split, TrainContext, derive_seed
-from robustft.training.data import epoch_order
+from robustft.training.context import Batch, Split, StepBatches, TrainContext, derive_seed
+from robustft.training.data import Loaded, epoch_order
 from robustft.training.schedule import warmup_cosine_scheduler
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,45 +110,79 @@ def kept_weights(method: "Method", model: nn.Module, ctx: TrainContext, best: Be
 
 @torch.no_grad()
 def evaluate_accuracy(method: "Method", model: nn.Module, ctx: TrainContext, split: Split) -> float:
-    """Top-1 accuracy of ``method.predictor`` on ``split`` (model in eval mode; train mode restored by the caller)."""
+    """Top-1 accuracy of ``method.predictor`` on ``split`` (model in eval mode; train mode restored by the caller).
+
+    With several ranks each evaluates its share of the rows and the counts are summed."""
     model.eval()
     predict = method.predictor(model, ctx)
-    correct = 0
-    for batch in ctx.batches(split, images=method.needs_images):
+    correct = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for batch in ctx.batches(split, images=method.needs_images, shard=True):
         with ctx.autocast():
             logits = predict(batch.inputs)
-        correct += int((logits.float().argmax(-1) == batch.labels).sum())
-    return correct / max(1, len(split))
+        correct += (logits.float().argmax(-1) == batch.labels).sum()
+    ctx.group.all_reduce_([correct])
+    return int(correct.item()) / max(1, len(split))
 
 
-def _check_finite(terms: dict[str, Tensor], step: int, epoch: int) -> None:
+def _check_finite(terms: dict[str, float], step: int, epoch: int) -> None:
     for name, value in terms.items():
-        if not torch.isfinite(value.detach()).all():
-            raise FloatingPointError(
-                f"non-finite loss at step {step} (epoch {epoch}): term {name!r} = {value.detach().float().item()}"
-            )
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite loss at step {step} (epoch {epoch}): term {name!r} = {value}")
 
 
-def optimizer_step(model: nn.Module, method: "Method", ctx: TrainContext, opt: Optimization, batch: Batch
+def step_batches(ctx: TrainContext, method: "Method", loaded: Loaded | None, total: int,
+                 flip_step: int | None) -> StepBatches:
+    """This rank's ``loaded`` rows of a step of ``total`` examples, cut into micro-batches of ``micro_batch_size``.
+
+    Flips are drawn for the whole step (seeded by (seed, "flip", step)), so each example gets the same flip whatever
+    the micro-batches and ranks. ``loaded`` None: this rank holds no example of the step.
+    """
+    group = ctx.group
+    positions = torch.arange(group.rank, total, group.world_size)  # this rank's rows' places in the whole batch
+    if loaded is None:
+        return StepBatches([], [], total, group)
+    if len(loaded.rows) != len(positions):
+        raise RuntimeError(f"rank {group.rank}: {len(loaded.rows)} rows read for a step that gives it {len(positions)}")
+    flips = None
+    if flip_step is not None:
+        flips = (torch.rand(total, generator=ctx.generator("flip", flip_step)) < 0.5)[positions]
+    size = ctx.hp.micro_batch_size or len(positions)
+    micro, places = [], []
+    for s in range(0, len(positions), size):
+        part = Loaded(loaded.rows[s : s + size], loaded.labels[s : s + size],
+                      {c: t[s : s + size] for c, t in loaded.columns.items()})
+        micro.append(ctx.to_batch(part, images=method.needs_images,
+                                  flip=None if flips is None else flips[s : s + size]))
+        places.append(positions[s : s + size])
+    return StepBatches(micro, places, total, group)
+
+
+def optimizer_step(model: nn.Module, method: "Method", ctx: TrainContext, opt: Optimization, step: StepBatches
                    ) -> dict[str, float]:
-    """One step on ``batch`` (loss, finite check, backward, clipping, AdamW, schedule, ``after_step``): its log row."""
-    step, epoch = ctx.step + 1, ctx.epoch
+    """One optimizer step on ``step`` (gradients accumulated over its micro-batches and summed over the ranks, finite
+    check, clipping, AdamW, schedule, ``after_step``): its log row."""
+    number, epoch = ctx.step + 1, ctx.epoch
     lr = opt.optimizer.param_groups[0]["lr"]
-    with ctx.autocast():
-        terms = method.loss(model, batch, ctx)
-    _check_finite(terms, step, epoch)
-    total = sum(terms.values())
-    _check_finite({"total": total}, step, epoch)
     opt.optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    local = method.accumulate_gradients(model, step, ctx)
+    terms = ctx.group.sum_scalars({k: float(v) for k, v in local.items()})
+    _check_finite(terms, number, epoch)  # every rank sees the same sums, so all of them stop together
+    total = sum(terms.values())
+    _check_finite({"total": total}, number, epoch)
+    ctx.group.reduce_gradients(opt.params)
     grad_norm = torch.nn.utils.clip_grad_norm_(opt.params, opt.clip)
     opt.optimizer.step()
     opt.scheduler.step()
     method.after_step(model, ctx)
-    row = {"step": step, "epoch": epoch, "lr": lr, "loss": float(total.detach())}
-    row.update({f"loss_{k}": float(v.detach()) for k, v in terms.items()})
+    row = {"step": number, "epoch": epoch, "lr": lr, "loss": total}
+    row.update({f"loss_{k}": v for k, v in terms.items()})
     row.update(grad_norm=float(grad_norm), val_accuracy=float("nan"))
     return row
+
+
+def norm_buffers(model: nn.Module) -> list[Tensor]:
+    """BatchNorm running statistics: rank 0's are copied to every rank after each step (as DDP's broadcast_buffers)."""
+    return [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 
 
 def train_epoch(
@@ -161,22 +196,32 @@ def train_epoch(
     """The step loop over epoch ``state.epoch`` from batch ``state.position`` on; ``state`` advances step by step.
 
     The batches are those of :func:`~robustft.training.data.epoch_order` seeded by (seed, "order", epoch), so a run
-    resumed mid-epoch sees the same batches as an uninterrupted one. ``after_step(row)`` follows each step.
+    resumed mid-epoch sees the same batches as an uninterrupted one. Step i's batch is positions
+    [i * batch_size, (i + 1) * batch_size) of that order; with k ranks rank r reads every k-th of them from the r-th
+    on (``batch_size / k`` rows). ``after_step(row)`` follows each step.
     """
-    hp = ctx.hp
-    order = epoch_order(len(ctx.train), ctx.generator("order", state.epoch))
+    hp, group = ctx.hp, ctx.group
+    n = len(ctx.train)
+    order = epoch_order(n, ctx.generator("order", state.epoch), group.rank, group.world_size)
     flip = method.needs_images and hp.augment == "flip"
+    buffers = norm_buffers(model) if group.parallel else []
     method.set_train_mode(model)
     started = time.perf_counter()
-    for loaded in ctx.load(ctx.train, order, hp.batch_size, method.batch_columns(ctx), first_batch=state.position):
-        ctx.step, ctx.epoch = state.step, state.epoch
-        batch = ctx.to_batch(loaded, images=method.needs_images, flip_step=state.step if flip else None)
-        row = optimizer_step(model, method, ctx, opt, batch)
-        state.step, state.position = state.step + 1, state.position + 1
-        row["samples_per_s"] = len(loaded.rows) / max(time.perf_counter() - started, 1e-9)  # reading included
-        state.log.append(row)
-        after_step(row)
-        started = time.perf_counter()
+    reads = ctx.load(ctx.train, order, hp.batch_size // group.world_size, method.batch_columns(ctx),
+                     first_batch=state.position)
+    with contextlib.closing(reads):
+        for position in range(state.position, steps_per_epoch(n, hp.batch_size)):
+            loaded = next(reads, None)  # None: no row of this (short, last) batch falls to this rank
+            total = min(hp.batch_size, n - position * hp.batch_size)
+            ctx.step, ctx.epoch = state.step, state.epoch
+            step = step_batches(ctx, method, loaded, total, state.step if flip else None)
+            row = optimizer_step(model, method, ctx, opt, step)
+            group.broadcast_(buffers)
+            state.step, state.position = state.step + 1, state.position + 1
+            row["samples_per_s"] = total / max(time.perf_counter() - started, 1e-9)  # reading included
+            state.log.append(row)
+            after_step(row)
+            started = time.perf_counter()
 
 
 def train(
@@ -190,6 +235,9 @@ def train(
 ) -> TrainResult:
     """Prepare ``model`` with ``method`` and train it on ``ctx.train``; resumes from ``checkpoint_dir`` if possible.
 
+    With several ranks (``ctx.group``) every rank calls this; they read their shares of each batch, sum their
+    gradients and stay identical; only rank 0 writes checkpoints, and every rank resumes from them.
+
     ``on_step_end(step)`` is called after every optimizer step (and after that step's checkpoint, if any); tests
     raise from it to simulate a killed job.
     """
@@ -197,6 +245,7 @@ def train(
     if ctx.fit is None:
         ctx.fit = train  # for methods that train a stage of their own first (TrainContext.fit_stage)
     model = method.prepare(model.to(ctx.device), ctx).to(ctx.device)
+    ctx.group.broadcast_([*model.parameters(), *model.buffers()])  # every rank starts from rank 0's weights
     if len(ctx.train) == 0:
         raise ValueError(f"{method.name}: the training split is empty")
     per_epoch = steps_per_epoch(len(ctx.train), hp.batch_size)
@@ -205,7 +254,7 @@ def train(
     if select_best and not has_val:
         raise ValueError("select: best_val needs a non-empty ID validation split")
 
-    checkpoints = ResumeCheckpoints(checkpoint_dir, fingerprint, ctx.device)
+    checkpoints = ResumeCheckpoints(checkpoint_dir, fingerprint, ctx.device, write=ctx.group.is_main)
     restored = checkpoints.restore(model, opt.optimizer, opt.scheduler)
     state = restored or TrainState()
     resumed_at = None if restored is None else state.step
@@ -256,5 +305,5 @@ def log_frame(rows: list[dict[str, float]]) -> pd.DataFrame:
     return frame.astype({"step": "int64", "epoch": "int64"}) if len(frame) else frame
 
 
-__all__ = ["BEST_FILE", "RESUME_FILE", "Batch", "BestEpoch", "Split", "TrainContext", "TrainResult", "derive_seed",
-           "evaluate_accuracy", "log_frame", "optimizer_step", "train", "train_epoch"]
+__all__ = ["BEST_FILE", "RESUME_FILE", "Batch", "BestEpoch", "Split", "StepBatches", "TrainContext", "TrainResult",
+           "derive_seed", "evaluate_accuracy", "log_frame", "optimizer_step", "step_batches", "train", "train_epoch"]
