@@ -304,6 +304,23 @@ def test_calibration_note_without_absent_classes(report, tmp_path):
     assert chart.to_dict()["mark"]["type"] == "text"
 
 
+def test_a_crash_mid_write_leaves_no_report_file_under_its_final_name(report, tmp_path, monkeypatch):
+    """Every report file is written under a temporary name and renamed: a job killed while a PNG is half written
+    leaves no PNG that passes for complete (the chaos test's rule, checked here where a kill cannot aim)."""
+    import altair as alt
+
+    def half_written(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(alt.TopLevelMixin, "save", half_written)
+    out = tmp_path / "report"
+    with pytest.raises(KeyboardInterrupt):
+        write_report(report["summary"], report["curves"], report["logs"], CONFIG, out, png_scale=1.0)
+    assert not list(out.glob("*.png")), sorted(p.name for p in out.iterdir())
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
 # ----------------------------------------------------------------------------------------------------- browser
 class Chromium:
     """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``), stdlib only."""

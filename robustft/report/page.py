@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping, Sequence, TextIO
 
 import pandas as pd
 
+from robustft.io.atomic import atomic_path
 from robustft.io.tables import read_table
 from robustft.report import CHART_NAMES, LEADERBOARD_FILES
 from robustft.report import analyses as A
@@ -236,7 +237,8 @@ def write_report(
     for name, chart in charts.items():
         specs[name] = chart.to_dict()
         written[f"{name}.vl.json"] = _write_text(out / f"{name}.vl.json", json.dumps(specs[name], indent=1))
-        chart.save(str(out / f"{name}.png"), format="png", scale_factor=png_scale)
+        with atomic_path(out / f"{name}.png") as tmp:
+            chart.save(str(tmp), format="png", scale_factor=png_scale)
         written[f"{name}.png"] = out / f"{name}.png"
     written["leaderboard.txt"] = _write_text(out / "leaderboard.txt", C.leaderboards_text(summary, ood))
     flat = pd.concat([t.assign(study=study) for study, t in tables.items()], ignore_index=True)
@@ -249,9 +251,8 @@ def write_report(
 
 
 def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
