@@ -37,12 +37,20 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, add_common_args, loadavg, print_machine, table, wait_for_quiet, write_json  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    add_common_args,
+    loadavg,
+    print_machine,
+    table,
+    wait_for_quiet,
+    work_directory,
+    write_json,
+)
 
 DOMAINS = ("id", "ood")
 ID_SHARE = 0.8
@@ -322,13 +330,12 @@ def main(argv=None) -> None:
     if args.child:
         child_main(args)
         return
-    tmp_ctx = None
-    if args.workdir is None:
-        tmp_ctx = tempfile.TemporaryDirectory(prefix="robustft-bench-scale-")
-        workdir = Path(tmp_ctx.name)
-    else:
-        workdir = args.workdir
-        workdir.mkdir(parents=True, exist_ok=True)
+    with work_directory(args.workdir, "robustft-bench-scale-") as workdir:
+        run_sizes(args, workdir)
+
+
+def run_sizes(args: argparse.Namespace, workdir: Path) -> None:
+    """Generate both sizes, run every stage at each in a child, then the streaming vs in-memory runs; print tables."""
     stages = [s for s in args.stages.split(",") if s]
     sizes = {"N": args.n, f"{args.factor}N": args.n * args.factor}
     dirs = {}
@@ -389,8 +396,6 @@ def main(argv=None) -> None:
     write_json(args.json, {"sizes": sizes, "results": results, "rows": rows, "compare": compare_rows,
                            "tables": [text, compare_text], "args": {k: str(v) for k, v in vars(args).items()},
                            "machine_at_start": info})
-    if tmp_ctx is not None:
-        tmp_ctx.cleanup()
 
 
 if __name__ == "__main__":
