@@ -27,7 +27,16 @@ from pathlib import Path
 
 import yaml
 
-from common import PACS_ROOT, REPO, add_common_args, print_machine, table, wait_for_quiet, write_json  # noqa: E402
+from common import (  # noqa: E402
+    PACS_ROOT,
+    REPO,
+    add_common_args,
+    print_machine,
+    table,
+    wait_for_quiet,
+    work_directory,
+    write_json,
+)
 
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 TIME = shutil.which("time") or "/usr/bin/time"
@@ -116,13 +125,12 @@ def rule_times(output: str) -> list[dict]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    tmp_ctx = None
-    if args.workdir is None:
-        tmp_ctx = tempfile.TemporaryDirectory(prefix="robustft-bench-demo-")
-        workdir = Path(tmp_ctx.name)
-    else:
-        workdir = args.workdir
-        workdir.mkdir(parents=True, exist_ok=True)
+    with work_directory(args.workdir, "robustft-bench-demo-") as workdir:
+        run_demo(args, workdir)
+
+
+def run_demo(args: argparse.Namespace, workdir: Path) -> None:
+    """The demo in ``workdir``: timed, sampled, then a no-op rerun; print and write the tables."""
     config = yaml.safe_load(args.config.read_text())
     config["dataset"]["root"] = str(args.data_root.resolve())
     configfile = workdir / "config.yaml"
@@ -186,8 +194,6 @@ def main(argv=None) -> None:
         print(output[-4000:], flush=True)
     write_json(args.json, {"rows": rows, "runs": runs, "per_rule": per_rule, "peak_detail": sampler.peak_detail,
                            "tables": [text, text_runs, text_rules]})
-    if tmp_ctx is not None:
-        tmp_ctx.cleanup()
 
 
 if __name__ == "__main__":

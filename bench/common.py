@@ -6,15 +6,17 @@ The benchmarks are scripts, not tests: each prints absolute figures and ratios m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -174,6 +176,17 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="first wait up to SECONDS for the 1-min loadavg to stay below --quiet-load")
     parser.add_argument("--quiet-load", type=float, default=1.2)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+
+
+@contextlib.contextmanager
+def work_directory(workdir: Path | None, prefix: str) -> Iterator[Path]:
+    """``workdir`` (created if needed, kept afterwards), or a temporary folder removed on exit."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        yield workdir
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------- measuring

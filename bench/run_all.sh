@@ -53,6 +53,8 @@ if [[ "$DEVICE" == cuda ]]; then
   run training_vitb32 "$PYTHON" bench/bench_training.py --backbone open_clip --model ViT-B-32 --device cuda \
     --batch-size 128 --steps 40 --repeats 3 --json "$OUT/training_vitb32.json"
 fi
+# 4b. scale: every stage at N and 8N synthetic images, peak memory per stage; streaming vs in-memory training
+run scale "$PYTHON" bench/bench_scale.py --n 8000 "${common[@]}" --json "$OUT/scale.json"
 # 5. the whole demo (about 15 minutes on 2 cores): last, once
 if [[ -z "${SKIP_DEMO:-}" ]]; then
   run demo "$PYTHON" bench/bench_demo.py --cores 2 "${common[@]}" --json "$OUT/demo.json"
