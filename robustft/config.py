@@ -292,6 +292,8 @@ def data_key(dataset: dict) -> str:
     """
     ident = {"name": dataset["name"], "root": dataset["root"], "domains": manifest_domains(dataset),
              "split": dataset["split"], "on_bad_image": dataset["on_bad_image"]}
+    if dataset.get("expected_counts") is not None:  # absent from the hash when unset: existing folders keep their names
+        ident["expected_counts"] = dataset["expected_counts"]
     return _slug(f"{dataset['name']}-{short_hash(ident)}")
 
 

@@ -189,10 +189,12 @@ def manifest_inputs(wildcards):
 
 
 def manifest_params(wildcards):
-    """What the manifest depends on: dataset adapter, root, the domains it scans, split, bad-image policy."""
+    """What the manifest depends on: dataset adapter, root, the domains it scans, split, bad-image policy, and the
+    image counts it checks the copy against (None = the adapter's published counts)."""
     dataset = DATA[wildcards.data]
     return {"dataset": dataset["name"], "root": dataset_root(dataset), "domains": manifest_domains(dataset),
-            "split": dataset["split"], "on_bad_image": dataset["on_bad_image"]}
+            "split": dataset["split"], "on_bad_image": dataset["on_bad_image"],
+            "expected_counts": dataset.get("expected_counts")}
 
 
 @functools.cache

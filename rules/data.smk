@@ -26,6 +26,7 @@ rule manifest:
         domains=lambda wc: manifest_params(wc)["domains"],
         split=lambda wc: manifest_params(wc)["split"],
         on_bad_image=lambda wc: manifest_params(wc)["on_bad_image"],
+        expected_counts=lambda wc: manifest_params(wc)["expected_counts"],
         code=code_version("build_manifest.py"),
     threads: 8
     log:

@@ -446,3 +446,48 @@ def test_preset_dry_run_lists_every_job(name, miniature_roots, tmp_path):
     assert {rule: jobs.get(rule, 0) for rule in expected} == expected, f"dry run job counts {jobs}\n{output_tail(proc)}"
     assert set(jobs) - set(expected) <= {"report"}, jobs
     assert not (tmp_path / "results").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dataset.expected_counts: the counts the manifest job checks a copy against
+
+
+def test_manifest_stage_checks_the_configured_expected_counts(tmp_path):
+    from miniature import domainnet_layout
+
+    from robustft.io.tables import read_table
+    from robustft.pipeline.stages import manifest_stage
+
+    root = tmp_path / "dn"
+    counts = domainnet_layout(root)
+    args = dict(dataset="domainnet", root=str(root), domains=["real", "sketch"],
+                split={"val_fraction": 0.25, "test_fraction": 0.0, "seed": 0}, on_bad_image="error", threads=1)
+    with pytest.raises(DatasetError, match="domain real: found 24 images, expected 172947"):
+        manifest_stage(**args, out=str(tmp_path / "published.parquet"))
+    with pytest.raises(DatasetError, match="domain sketch: found 24 images, expected 25"):
+        manifest_stage(**args, expected_counts={"real": 24, "sketch": 25}, out=str(tmp_path / "wrong.parquet"))
+    with pytest.raises(DatasetError, match="expected_counts: key 'clipart' names no scanned domain"):
+        manifest_stage(**args, expected_counts=counts, out=str(tmp_path / "foreign.parquet"))
+    manifest_stage(**args, expected_counts={"real": counts["real"], "sketch": counts["sketch"]},
+                   out=str(tmp_path / "exact.parquet"))
+    manifest_stage(**args, expected_counts={}, out=str(tmp_path / "unchecked.parquet"))
+    exact = read_table(tmp_path / "exact.parquet")
+    assert len(exact) == 48 and exact.equals(read_table(tmp_path / "unchecked.parquet"))
+    assert not (tmp_path / "published.parquet").exists()
+
+
+def test_expected_counts_in_the_config():
+    from robustft.config import ConfigError, data_key, validate_config
+
+    base = {"dataset": {"name": "domainnet", "root": "/data/dn", "id_domain": "real", "ood_domains": ["sketch"]},
+            "methods": {"zeroshot": {"default": {}}}}
+    config = validate_config(base)
+    assert config["dataset"]["expected_counts"] is None
+    counted = validate_config({**base, "dataset": {**base["dataset"], "expected_counts": {"real": 24, "sketch/test": 8}}})
+    # unset, the manifest's folder keeps its name; set, the folder is another one (another copy of the data)
+    assert data_key(config["dataset"]) == data_key({k: v for k, v in config["dataset"].items() if k != "expected_counts"})
+    assert data_key(counted["dataset"]) != data_key(config["dataset"])
+    for bad, match in (({"real": -1}, "out of range"), ({"real/val": 3}, "expected_counts"),
+                       ({"real": "many"}, "integer|type")):
+        with pytest.raises(ConfigError, match=match):
+            validate_config({**base, "dataset": {**base["dataset"], "expected_counts": bad}})

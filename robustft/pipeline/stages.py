@@ -26,11 +26,23 @@ log = logging.getLogger("robustft")
 
 
 def manifest_stage(
-    *, dataset: str, root: str, domains: list[str], split: dict[str, Any], on_bad_image: str, threads: int, out: str
+    *, dataset: str, root: str, domains: list[str], split: dict[str, Any], on_bad_image: str, threads: int, out: str,
+    expected_counts: dict[str, int] | None = None,
 ) -> None:
-    """Scan, check, split and label the dataset (``threads`` decoding threads); write the manifest Parquet."""
+    """Scan, check, split and label the dataset (``threads`` decoding threads); write the manifest Parquet.
+
+    ``expected_counts`` (``dataset.expected_counts``) replaces the adapter's published image counts; ``{}`` checks
+    none. Its keys are ``domain`` or ``domain/split`` and must name domains of ``domains``.
+    """
+    adapter = get_adapter(dataset)
+    if expected_counts is not None:
+        foreign = sorted(k for k in expected_counts if k.partition("/")[0] not in domains)
+        if foreign:
+            raise DatasetError(f"dataset.expected_counts: key {foreign[0]!r} names no scanned domain; "
+                               f"domains: {sorted(domains)}")
+        adapter.expected_counts = {str(k): int(v) for k, v in expected_counts.items()}
     frame, meta = build_manifest(
-        get_adapter(dataset), root, domains, split["val_fraction"], split["test_fraction"], split["seed"],
+        adapter, root, domains, split["val_fraction"], split["test_fraction"], split["seed"],
         on_bad_image=on_bad_image, threads=threads,
     )
     write_table(out, frame, meta)
