@@ -151,6 +151,11 @@ def dry_run_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
     return counts
 
 
+#: Rules that read the summary or the finished runs of a whole study (per-class damage, rules/analyses.smk, the
+#: report): one job per study or per config, outside :func:`expected_jobs`.
+AFTER_SUMMARY_RULES = frozenset({"per_class", "effective_robustness", "paired_tests", "recommendation", "report"})
+
+
 def expected_jobs(config: dict) -> dict[str, int]:
     """Rule -> the number of jobs a dry run of ``config`` must list (``report`` aside), counted from the studies.
 

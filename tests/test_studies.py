@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 
 from pipeline_utils import (
+    AFTER_SUMMARY_RULES,
     PACS_ROOT,
     dry_run_jobs,
     expected_jobs,
@@ -206,7 +207,8 @@ def test_removing_a_backbone_and_adding_it_back_recomputes_nothing(studies):
 def test_the_matrix_report_is_built(studies):
     """The report over the 2 x 2 matrix: it reads the summary, the runs' curves and logs and each study's per-class
     table (built from the sweeps already there)."""
-    assert _dry_run(studies.workdir, studies.m, "results/report/index.html") == {"per_class": 4, "report": 1}
+    assert _dry_run(studies.workdir, studies.m, "results/report/index.html") == {
+        "per_class": 4, "effective_robustness": 1, "paired_tests": 1, "recommendation": 1, "report": 1}
     run_pipeline(studies.workdir, timeout=1800)
     report = studies.workdir / "results" / "report"
     page = (report / "index.html").read_text()
@@ -254,5 +256,5 @@ def test_dry_run_of_a_3_backbone_2_dataset_every_method_matrix(tmp_path):
                "soup": studies * 4, "soup_sweep": studies * 4, "soup_calibrate": studies * 4}
     assert expected_jobs(config) == by_hand
     assert {rule: jobs.get(rule, 0) for rule in by_hand} == by_hand, jobs
-    assert set(jobs) - set(by_hand) <= {"report", "per_class"}
+    assert set(jobs) - set(by_hand) <= AFTER_SUMMARY_RULES
     assert not (tmp_path / "results").exists()
