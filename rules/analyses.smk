@@ -26,11 +26,11 @@ rule effective_robustness:
 rule paired_tests:
     input:
         summary=str(rules.summary.output.summary),
-        metrics=[run_path(rules.calibrate.output.metrics, r) for r in RUNS],
+        metrics=every_metrics_file(),
     output:
         table=f"{ANALYSIS_DIR}/paired_tests.parquet",
     params:
-        run_studies=[r["study"] for r in RUNS],  # the study of each metrics file, in their order
+        run_studies=every_metrics_study(),  # the study of each metrics file, in their order
         bootstrap=config["eval"]["bootstrap"],
         ci_level=config["eval"]["ci_level"],
         code=code_version("paired_tests.py"),
@@ -45,11 +45,11 @@ rule paired_tests:
 rule recommendation:
     input:
         summary=str(rules.summary.output.summary),
-        metrics=[run_path(rules.calibrate.output.metrics, r) for r in RUNS],
+        metrics=every_metrics_file(),
     output:
         table=f"{ANALYSIS_DIR}/recommendation.parquet",
     params:
-        run_studies=[r["study"] for r in RUNS],
+        run_studies=every_metrics_study(),
         id_floor=str(config["analyses"]["id_floor"]),
         bootstrap=config["eval"]["bootstrap"],
         ci_level=config["eval"]["ci_level"],

@@ -379,3 +379,14 @@ def report_description():
     if len(description["backbones"]) == 1:
         description["backbone"] = next(iter(description["backbones"].values()))
     return description
+
+
+def every_metrics_file():
+    """The metrics of every run and every soup of the config (the summary's rows come from them)."""
+    return ([run_path(rules.calibrate.output.metrics, r) for r in RUNS]
+            + [soup_path(rules.soup_calibrate.output.metrics, soup) for soup in SOUPS])
+
+
+def every_metrics_study():
+    """The study of each file of :func:`every_metrics_file`, in its order."""
+    return [r["study"] for r in RUNS] + [soup["study"] for soup in SOUPS]

@@ -27,6 +27,9 @@ import yaml
 from miniature import LAYOUTS
 from pipeline_utils import REPO, read_summary, run_pipeline, study_dir, write_config
 
+from robustft.config import study_table, validate_config
+from robustft.soups import soup_table
+
 pytestmark = pytest.mark.pipeline
 
 PRESETS = sorted((REPO / "config" / "presets").glob("*.yaml"))
@@ -103,6 +106,14 @@ def expected_rows(config: dict, head_only: dict[tuple[str, str], bool]) -> set[t
             for seed in config["seeds"]:
                 rows |= {(method, variant, seed, d, s, float(a), i, c) for d, s in cells
                          for a in config["sweep"]["alphas"] for i in interpolations for c in calibrations}
+    for soup in soup_table(validate_config(config), study_table(validate_config(config))):
+        # a soup is a run of its own: every cell and alpha; ALG only where its protocol leaves classes out (a soup has
+        # no PCV fold models)
+        calibrations = ["none"] + (["alg"] if soup["protocol"]["kind"] == "class_subset" else [])
+        interpolations = ["linear"] + (["fisher"] if config["sweep"].get("fisher")
+                                       and not head_only[(soup["method"], soup["source"])] else [])
+        rows |= {(soup["method"], soup["source"], soup["seed"], d, s, float(a), i, c) for d, s in cells
+                 for a in config["sweep"]["alphas"] for i in interpolations for c in calibrations}
     return rows
 
 
@@ -136,10 +147,11 @@ def test_preset_runs_end_to_end_on_a_miniature(preset_path, miniatures, tiny_ope
     seed = config["seeds"][0]
     runs = study_dir(workdir, config) / "runs"
     head_only = {}
-    for method, variants in config["methods"].items():
-        for variant in variants:
-            with h5py.File(runs / method / variant / f"seed{seed}" / "sweep_logits.h5", "r") as sweep:
-                head_only[(method, variant)] = bool(sweep.attrs["head_only"])
+    soups = soup_table(validate_config(config), study_table(validate_config(config)))
+    for method, variant, run_seed in ([(m, v, seed) for m, variants in config["methods"].items() for v in variants]
+                                      + [(soup["method"], soup["source"], soup["seed"]) for soup in soups]):
+        with h5py.File(runs / method / variant / f"seed{run_seed}" / "sweep_logits.h5", "r") as sweep:
+            head_only[(method, variant)] = bool(sweep.attrs["head_only"])
     keys = ["method", "variant", "seed", "eval_domain", "split", "alpha", "interpolation", "calibration"]
     got = set(summary[keys].itertuples(index=False, name=None))
     expected = expected_rows(config, head_only)
