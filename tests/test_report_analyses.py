@@ -30,7 +30,7 @@ def analysed(tmp_path_factory):
                          id_floor="best-3", bootstrap=200, ci_level=0.95, out=str(paths["recommendation"]))
     out = root / "results" / "report"
     written = write_report(inputs["summary"], inputs["curves"], inputs["logs"], CONFIG, out, png_scale=1.0,
-                           analysis_paths=paths)
+                           analysis_paths=paths, per_class_paths=inputs["per_class"])
     return {"root": root, "out": out, "written": written, "paths": paths,
             "tables": {k: pd.read_parquet(v) for k, v in paths.items()}}
 
