@@ -49,6 +49,7 @@ import pytest
 import yaml
 
 from pipeline_utils import (
+    AFTER_SUMMARY_RULES,
     DELETE,
     PACS_ROOT,
     REPO,
@@ -280,9 +281,12 @@ def runs(cluster, tmp_path_factory) -> SimpleNamespace:
                     name = re.search(r"SLURM run ID: (\S+)", slurm_log.read_text())
                     assert name, "no 'SLURM run ID' in Snakemake's output"
                     queue = _slurm(cluster, "squeue", "-h", "--name", name[1], "-o", "%i|%T|%k")
-                    comment = f"rule_finetune_wildcards_{method}_{variant}_{seed}"
-                    running = [line.split("|") for line in queue.splitlines() if line.endswith("|" + comment)]
-                    assert len(running) == 1, f"no single Slurm job for {comment} in squeue:\n{queue}"
+                    # the plugin's comment: rule_<rule>_wildcards_<every wildcard value, joined by _> (the study's
+                    # dataset and backbone first)
+                    comment = re.compile(rf"rule_finetune_wildcards_\S*_{method}_{variant}_{seed}")
+                    running = [line.split("|") for line in queue.splitlines()
+                               if comment.fullmatch(line.rsplit("|", 1)[-1])]
+                    assert len(running) == 1, f"no single Slurm job for {comment.pattern} in squeue:\n{queue}"
                     cancel.job, cancel.state = running[0][0], running[0][1]
                     cancel.envs = _job_env(cancel.job)
                     _slurm(cluster, "scancel", cancel.job)
@@ -354,7 +358,9 @@ def test_every_non_local_job_ran_in_a_completed_slurm_job(runs, slurm_jobs):
     completed = {j for j, row in slurm_jobs.sacct.items() if row["State"] == "COMPLETED"}
     others = {j: row["State"] for j, row in slurm_jobs.sacct.items() if j not in completed}
     assert set(others) == {runs.cancel.job}, f"jobs that did not complete: {others} (cancelled: {runs.cancel.job})"
-    ran = collections.Counter(job for j in completed for job in slurm_jobs.executed[j])
+    # the local run stops at the summary; the Slurm run goes on to the report (per-class damage, the analyses)
+    ran = collections.Counter(job for j in completed for job in slurm_jobs.executed[j]
+                              if job[0] not in AFTER_SUMMARY_RULES)
     assert ran == expected, (
         f"jobs of the local run that no COMPLETED Slurm job ran: {sorted(expected - ran)}; "
         f"jobs Slurm ran that the local run did not, or twice: {sorted(ran - expected)}")
@@ -420,6 +426,12 @@ def test_jobs_read_the_checkpoint_the_weights_rule_recorded_with_the_hub_offline
         [env.get("HF_HUB_OFFLINE") for env in runs.cancel.envs]
 
 
+def _runs_finetune(jobs, method: str, variant: str, seed: int) -> bool:
+    """Whether a Slurm job's executed (rule, wildcards) include the fine-tuning of this run (of the one study)."""
+    return any(rule == "finetune" and wildcards.endswith(f"method={method}, variant={variant}, seed={seed}")
+               for rule, wildcards in jobs)
+
+
 def test_cancelled_fine_tuning_was_resubmitted_and_resumed_from_its_checkpoint(runs, slurm_jobs):
     cancel = runs.cancel
     assert cancel.job, f"the full_ft job never wrote a resume checkpoint:\n{runs.slurm_output[-6000:]}"
@@ -428,7 +440,7 @@ def test_cancelled_fine_tuning_was_resubmitted_and_resumed_from_its_checkpoint(r
     # Snakemake saw the failure and, through the profile's `retries`, submitted the job again
     assert re.search(rf"SLURM-job '{cancel.job}' failed, SLURM status is: 'CANCELLED'", runs.slurm_output)
     finetune_jobs = [j for j, jobs in slurm_jobs.executed.items()
-                     if ("finetune", "method=full_ft, variant=default, seed=0") in jobs]
+                     if _runs_finetune(jobs, "full_ft", "default", 0)]
     assert len(finetune_jobs) == 2 and cancel.job in finetune_jobs, finetune_jobs
     (retry,) = set(finetune_jobs) - {cancel.job}
     assert slurm_jobs.sacct[retry]["State"] == "COMPLETED"
@@ -454,7 +466,7 @@ def test_resumed_fine_tuning_equals_an_uninterrupted_one_on_the_same_inputs(runs
     """The cancelled-and-resumed job's weights, bit for bit those of an uninterrupted fine-tuning of its inputs."""
     method, variant, seed = CANCELLED_RUN
     (retry,) = [j for j, jobs in slurm_jobs.executed.items() if j != runs.cancel.job
-                and ("finetune", f"method={method}, variant={variant}, seed={seed}") in jobs]
+                and _runs_finetune(jobs, method, variant, seed)]
     out = tmp_path / "replay" / f"seed{seed}"
     proc = subprocess.run([sys.executable, str(REPO / "tests" / "slurm" / "replay_finetune.py"), str(runs.slurm_dir),
                            method, variant, str(seed), str(out)],

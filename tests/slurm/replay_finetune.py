@@ -31,11 +31,14 @@ def main(workdir: str, method: str, variant: str, seed: str, out: str) -> None:
     out_dir = Path(out)
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.rmtree(out_dir.with_name(out_dir.name + ".resume"), ignore_errors=True)
+    backbone = {k: v for k, v in config["backbone"].items() if k != "templates"}
     finetune_stage(
-        inputs["manifest"], {k: v for k, v in config["backbone"].items() if k != "templates"}, method, variant,
-        int(seed), canonical_json(resolved_variant(config, method, variant)), inputs["train_pixels"],
-        inputs["val_pixels"], inputs["train_features"], inputs["val_features"], inputs["reference_head"],
-        str(out_dir / "run.json"), config["training"]["device"],
+        manifest=inputs["manifest"], backbone_spec={**backbone, "weights_record": inputs["weights_record"]},
+        method=method, variant=variant, seed=int(seed),
+        settings=canonical_json(resolved_variant(config, method, variant)),
+        train_pixels=inputs["train_pixels"], val_pixels=inputs["val_pixels"], train_features=inputs["train_features"],
+        val_features=inputs["val_features"], reference_head=inputs["reference_head"], run_json=str(out_dir / "run.json"),
+        device=config["training"]["device"], templates=config["backbone"].get("templates"),
     )
 
 
@@ -57,6 +60,7 @@ def _rule_inputs(root: Path, config: dict) -> dict[str, str]:
         "train_features": one(f"features/*/*/{domain}_train-*.h5"),
         "val_features": one(f"features/*/*/{domain}_val-*.h5"),
         "reference_head": one("*/*/reference/head.safetensors"),
+        "weights_record": one("weights/*.json"),
     }
 
 
