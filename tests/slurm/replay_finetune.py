@@ -37,7 +37,8 @@ def main(workdir: str, method: str, variant: str, seed: str, out: str) -> None:
         method=method, variant=variant, seed=int(seed),
         settings=canonical_json(resolved_variant(config, method, variant)),
         train_pixels=inputs["train_pixels"], val_pixels=inputs["val_pixels"], train_features=inputs["train_features"],
-        val_features=inputs["val_features"], reference_head=inputs["reference_head"], run_json=str(out_dir / "run.json"),
+        val_features=inputs["val_features"], reference_head=inputs["reference_head"],
+        run_json=str(out_dir / "run.json"),
         device=config["training"]["device"], templates=config["backbone"].get("templates"),
     )
 
