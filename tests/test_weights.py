@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline_utils import (
+    AFTER_SUMMARY_RULES,
     PACS_ROOT,
     REPO,
     dry_run_jobs,
@@ -249,8 +250,8 @@ def test_the_weights_rule_fetches_once_every_job_reads_the_record_and_a_changed_
     save_file({k: (v + 0.01 if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(local))
     proc = run_snakemake(workdir, "-n", "--quiet", "rules", timeout=300)
     assert proc.returncode == 0, output_tail(proc)
-    assert set(dry_run_jobs(proc)) == {"weights", "features", "reference", "finetune", "sweep",
-                                       "calibrate", "study_summary", "summary", "report", "all"}, output_tail(proc)
+    assert set(dry_run_jobs(proc)) == {"weights", "features", "reference", "finetune", "sweep", "calibrate",
+                                       "study_summary", "summary", *AFTER_SUMMARY_RULES, "all"}, output_tail(proc)
     run_pipeline(workdir, timeout=1800)
     after = json.loads((workdir / "results" / "weights" / f"{backbone_key(in_place['backbone'])}.json").read_text())
     assert after["sha256"] == file_sha256(local) != before["sha256"]
