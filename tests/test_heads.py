@@ -221,9 +221,15 @@ def test_feature_chunks_read_a_cache_chunk_by_chunk(tmp_path):
     chunks = FeatureChunks(path, {"manifest_hash": "abc"}, chunk_bytes=16 * 1280 * 4)
     assert len(chunks) == 70 and chunks.rows == 16
     for _ in range(2):  # re-iterable: every pass reads the file again
-        parts = list(chunks)
+        parts, pointers = [], []
+        for features, labels in chunks:  # a chunk is valid until the next but one: copy to keep
+            parts.append((features.clone(), labels.clone()))
+            pointers.append(features.data_ptr())
         assert [p[0].shape[0] for p in parts] == [16, 16, 16, 16, 6]
         assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+        # two buffers, allocated once a pass, alternate: no allocation per chunk
+        assert pointers[0::2] == [pointers[0]] * 3 and pointers[1::2] == [pointers[1]] * 2
+        assert pointers[0] != pointers[1]
     assert chunks._whole is None
     whole = FeatureChunks(path)  # fits one chunk: read once and kept
     assert [p[0].shape[0] for p in whole] == [70] and whole._whole is not None
