@@ -7,6 +7,8 @@ One module-scoped cluster (started here, always stopped here) and one pipeline r
   (``tests/slurm/test_profile``), the workflow profile ``profiles/default`` applied automatically;
 - while it runs, the full_ft fine-tuning job is ``scancel``-ed as soon as it has written a resume checkpoint; the
   profile's ``retries`` resubmits it and it resumes from that checkpoint;
+- a second full_ft variant trains with ``devices: 2``: one Slurm job (``--gpus=2 --nodes=1``, one task) whose
+  fine-tuning starts 2 torch.distributed ranks (gloo: the node's GPUs are names only), as torchrun would;
 - at the same time the same configuration runs locally (``--cores 2``) in another folder, as the reference.
 
 Then: every job of the local run that is not a local rule (summary, report, all) ran inside a COMPLETED Slurm job of
@@ -80,12 +82,15 @@ LOCAL_RULES = {"weights", "study_summary", "summary", "report", "all"}
 GPU_RULES = {"features", "finetune", "finetune_pcv", "sweep", "pcv_logits", "soup", "soup_sweep"}
 RUN_TIMEOUT = float(os.environ.get("ROBUSTFT_SLURM_TIMEOUT", "1200"))
 
+#: a full_ft variant trained by 2 data-parallel ranks (gloo: the test node's GPUs are names only) in one Slurm job
+DDP_VARIANT, DDP_RANKS = "ranks2", 2
+
 #: The tiny PACS config, smaller still: zeroshot and full_ft only, one OOD domain, two alphas. Batches of 4 give
 #: full_ft 11 optimizer steps, with a resume checkpoint after each: a wide window to cancel the job in.
 OVERRIDES = {
     "dataset": {"ood_domains": ["sketch"]},
     "training": {"checkpoint_every": 1, "batch_size": 4},
-    "methods": {"linear_probe": DELETE, "full_ft": {"absent2": DELETE}},
+    "methods": {"linear_probe": DELETE, "full_ft": {"absent2": DELETE, DDP_VARIANT: {"devices": DDP_RANKS}}},
     "sweep": {"alphas": [0.0, 1.0]},
 }
 CANCELLED_RUN = ("full_ft", "default", 0)
@@ -261,7 +266,10 @@ def runs(cluster, tmp_path_factory) -> SimpleNamespace:
     local_cmd = snakemake_command(local_dir, "results/summary.parquet")
     slurm_cmd = [str(SNAKEMAKE), "-s", str(SNAKEFILE), "--directory", str(slurm_dir), "--configfile",
                  str(slurm_dir / "config.yaml"), "--cores", "all", "--profile", str(SLURM_PROFILE), "--profile",
-                 str(TEST_PROFILE), "--slurm-status-command", "squeue"]
+                 str(TEST_PROFILE), "--slurm-status-command", "squeue",
+                 # the profiles cap `gpu` at 1 a job; a variant of k devices needs k (README, "Fine-tuning on
+                 # several devices"); --resources replaces the profiles' whole block, so group_slot is repeated
+                 "--resources", f"gpu={DDP_RANKS}", "group_slot=1"]
     slurm_log = slurm_dir / "snakemake.out"
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 120))
     cancel = SimpleNamespace(job=None, at_s=None, state=None, envs=[])
@@ -388,7 +396,8 @@ def test_gpu_rules_got_a_gpu_on_the_gpu_partition(runs, slurm_jobs):
         rules = {rule for rule, _ in jobs}
         gpus = re.search(r"gres/gpu(?::[^=,]*)?=(\d+)", row["AllocTRES"])
         if rules & GPU_RULES:
-            assert gpus and gpus[1] == "1", f"job {job_id} ({rules}) got no GPU: {row['AllocTRES']}"
+            expected = DDP_RANKS if any(_runs_finetune([job], "full_ft", DDP_VARIANT, 0) for job in jobs) else 1
+            assert gpus and int(gpus[1]) == expected, f"job {job_id} ({rules}) got {row['AllocTRES']}: {expected} GPUs?"
             assert row["Partition"] == "gpu", f"job {job_id} ({rules}) ran on partition {row['Partition']}"
         elif row["State"] == "COMPLETED":
             assert not gpus, f"job {job_id} ({rules}) got a GPU: {row['AllocTRES']}"
@@ -485,10 +494,25 @@ def test_reference_head_and_fine_tuned_weights_equal_the_local_run(runs, slurm_j
     # in every job, and CPU results depend on the thread count.
     different = _tensors_differ(runs.slurm_dir / head, runs.local_dir / head)
     assert not different, f"the reference head differs from the local run's: {different[:5]}"
-    for method in ("full_ft",):
-        weights = run_dir(".", runs.config, method, "default") / "model.safetensors"
+    for method, variant in (("full_ft", "default"), ("full_ft", DDP_VARIANT)):
+        weights = run_dir(".", runs.config, method, variant) / "model.safetensors"
         different = _tensors_differ(runs.slurm_dir / weights, runs.local_dir / weights)
-        assert not different, f"{method}: tensors differ from the local run's: {different[:5]}"
+        assert not different, f"{method}/{variant}: tensors differ from the local run's: {different[:5]}"
+
+
+def test_a_two_rank_fine_tuning_ran_in_one_slurm_job_with_two_gpus(runs, slurm_jobs):
+    """One Slurm job (--gpus=2, one node) ran the 2-rank variant: its ranks trained (rank 0 logged), it completed."""
+    (job,) = [j for j, jobs in slurm_jobs.executed.items() if _runs_finetune(jobs, "full_ft", DDP_VARIANT, 0)]
+    row = slurm_jobs.sacct[job]
+    assert row["State"] == "COMPLETED", row
+    assert re.search(rf"gres/gpu(?::[^=,]*)?={DDP_RANKS}\b", row["AllocTRES"]), row["AllocTRES"]
+    assert "node=1" in row["AllocTRES"], row["AllocTRES"]
+    record = json.loads((run_dir(runs.slurm_dir, runs.config, "full_ft", DDP_VARIANT) / "run.json").read_text())
+    # finetune_run refuses to run a variant of k devices in any other number of ranks
+    assert record["hyperparameters"]["devices"] == DDP_RANKS and record["device"] == "cpu", record
+    assert record["steps"] > 0
+    (log,) = [p for p in (runs.slurm_dir / "results" / "logs" / "finetune").rglob("seed0.log") if DDP_VARIANT in p.parts]
+    assert re.search(r"\[rank 0\] .*epoch", log.read_text()), f"no rank-0 progress line in {log}"
 
 
 def test_summary_equals_the_local_run(runs, slurm_jobs):
@@ -536,6 +560,12 @@ def test_dry_run_prints_the_resources_each_rule_would_request():
         wanted = {**profile["default-resources"], **profile["set-resources"].get(rule, {})}
         for key, value in wanted.items():
             assert res.get(key) == str(value), f"{rule}: {key}={res.get(key)!r}, slurm/profile.yaml says {value!r}"
+    # a rule that asks for a GPU goes to the GPU partition (a `use rule ... as` copy gets none of its original's
+    # set-resources: the soups' rules once asked for --gpus=1 on the CPU partition)
+    assert {"soup", "soup_sweep"} <= set(requested), sorted(requested)
+    for rule, res in requested.items():
+        if int(res.get("gpu", "0")) > 0:
+            assert res.get("slurm_partition") == "gpu", f"{rule} asks for a GPU on partition {res.get('slurm_partition')}"
 
 
 # ------------------------------------------------------------------------------------------------ last: stop
