@@ -109,9 +109,22 @@ def _env() -> dict[str, str]:
 
 def run_snakemake(workdir: str | Path, *args: str, timeout: float = 600, check: bool = False,
                   **kwargs: Any) -> subprocess.CompletedProcess:
-    """Run snakemake in ``workdir`` (stdout and stderr captured as text); ``check`` raises with the output tail."""
+    """Run snakemake in ``workdir`` (stdout and stderr captured as text); ``check`` raises with the output tail.
+
+    Past ``timeout`` seconds, snakemake and every job it started are killed (not snakemake alone, which would leave
+    its jobs running into the next tests) and the test fails with the output so far.
+    """
     cmd = snakemake_command(workdir, *args, **kwargs)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=str(workdir))
+    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                             cwd=str(workdir), start_new_session=True)
+    try:
+        stdout, stderr = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(popen)
+        stdout, stderr = popen.communicate()
+        raise AssertionError(f"snakemake ran past {timeout} s, killed with its jobs: {' '.join(cmd)}\n"
+                             f"{output_tail(stdout + stderr)}") from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed (exit {proc.returncode}): {' '.join(cmd)}\n{output_tail(proc)}")
     return proc
