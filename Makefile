@@ -20,7 +20,7 @@ demo: venv
 	$(BIN)/snakemake --cores all
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 lint: venv
 	$(BIN)/snakemake --lint
