@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from robustft.io.progress import INTERVAL_ENV, ProgressLog, format_duration, progress_interval
+from robustft.io.progress import INTERVAL_ENV, ProgressLog, format_duration, format_rate, progress_interval
 
 
 class FakeClock:
@@ -45,6 +45,20 @@ def test_resumed_work_counts_toward_done_but_not_toward_the_rate(caplog):
     clock.now += 10.0
     progress.update(20, loss=0.123456)
     assert _lines(caplog) == ["progress finetune full_ft: 120/400 steps (30.0%), 2.0 steps/s, ETA 0:02:20 loss=0.1235"]
+
+
+def test_slow_rates_keep_two_significant_digits(caplog):
+    # a CPU fine-tuning step of 30 s once printed "0.0 steps/s"
+    assert format_rate(1 / 32, "steps") == "0.031 steps/s"
+    assert format_rate(0.0042, "steps") == "0.0042 steps/s"
+    assert format_rate(0.25, "steps") == "0.2 steps/s" and format_rate(2.5, "images") == "2.5 images/s"
+    assert format_rate(0.0, "steps") == "0.0 steps/s" and format_rate(float("nan"), "steps") == "? steps/s"
+    caplog.set_level(logging.INFO, logger="robustft")
+    clock = FakeClock()
+    progress = ProgressLog("finetune full_ft", 10, "steps", interval=0, clock=clock)
+    clock.now += 64.0
+    progress.update(2)
+    assert _lines(caplog)[-1] == "progress finetune full_ft: 2/10 steps (20.0%), 0.031 steps/s, ETA 0:04:16"
 
 
 def test_unknown_total_has_no_eta(caplog):

@@ -51,6 +51,13 @@ def _format_extra(extra: dict[str, Any]) -> str:
     return (" " + " ".join(parts)) if parts else ""
 
 
+def format_rate(rate: float, unit: str) -> str:
+    """``2.5 images/s``; below 0.1 a second two significant digits (``0.031 steps/s``, not ``0.0``); ``?`` if unknown."""
+    if not math.isfinite(rate):
+        return f"? {unit}/s"
+    return f"{rate:.1f} {unit}/s" if abs(rate) >= 0.1 or rate == 0 else f"{rate:.2g} {unit}/s"
+
+
 class ProgressLog:
     """Counts work done and logs ``progress <what>: done/total unit (pct), rate, ETA`` every ``interval`` seconds.
 
@@ -96,7 +103,7 @@ class ProgressLog:
             tail = f", ETA {format_duration(left)}"
         else:
             head, tail = f"{self.done} {self.unit}", ""
-        speed = f"{rate:.1f} {self.unit}/s" if math.isfinite(rate) else f"? {self.unit}/s"
+        speed = format_rate(rate, self.unit)
         return f"progress {self.what}: {head}, {speed}{tail}{_format_extra(extra)}"
 
     def update(self, n: int = 1, **extra: Any) -> None:
@@ -118,7 +125,7 @@ class ProgressLog:
         self.finished = True
         elapsed = self.clock() - self.started
         rate = self.rate
-        speed = f"{rate:.1f} {self.unit}/s" if math.isfinite(rate) else f"? {self.unit}/s"
+        speed = format_rate(rate, self.unit)
         self.logger.info(f"done {self.what}: {self.done} {self.unit} in {format_duration(elapsed)} ({speed})"
                          f"{_format_extra(extra)}")
 
@@ -131,4 +138,4 @@ class ProgressLog:
             self.finish()
 
 
-__all__ = ["DEFAULT_INTERVAL_S", "INTERVAL_ENV", "ProgressLog", "format_duration", "progress_interval"]
+__all__ = ["DEFAULT_INTERVAL_S", "INTERVAL_ENV", "ProgressLog", "format_duration", "format_rate", "progress_interval"]
