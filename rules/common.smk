@@ -319,8 +319,7 @@ def study_summary_inputs(wildcards):
     """Every run of one study, and its soups: their metrics and run.json."""
     runs = study_runs(study(wildcards))
     soups = study_soups(study(wildcards))
-    return {"metrics": [run_path(rules.calibrate.output.metrics, r) for r in runs]
-            + [soup_path(rules.soup_calibrate.output.metrics, soup) for soup in soups],
+    return {"metrics": metrics_files(runs, soups),
             "runs": [run_path(rules.finetune.output.run, r) for r in runs]
             + [soup_path(rules.soup.output.run, soup) for soup in soups]}
 
@@ -381,10 +380,15 @@ def report_description():
     return description
 
 
+def metrics_files(runs, soups):
+    """The metrics of these runs and soups, runs first (the summary's rows come from them)."""
+    return ([run_path(rules.calibrate.output.metrics, r) for r in runs]
+            + [soup_path(rules.soup_calibrate.output.metrics, soup) for soup in soups])
+
+
 def every_metrics_file():
-    """The metrics of every run and every soup of the config (the summary's rows come from them)."""
-    return ([run_path(rules.calibrate.output.metrics, r) for r in RUNS]
-            + [soup_path(rules.soup_calibrate.output.metrics, soup) for soup in SOUPS])
+    """The metrics of every run and every soup of the config."""
+    return metrics_files(RUNS, SOUPS)
 
 
 def every_metrics_study():
