@@ -210,8 +210,8 @@ def extract_features(
 
 
 #: Bytes of float32 features per chunk that :class:`FeatureChunks` reads (1,638 rows of 1280-d EfficientNet features,
-#: 4,096 of 512-d CLIP ViT-B features). The linear probe holds about five times a chunk (the chunk, its float64
-#: standardised copy, h5py's read buffer), so this sets the reference stage's memory above the model's.
+#: 4,096 of 512-d CLIP ViT-B features). The linear probe holds about four times a chunk (two read buffers and one
+#: float64 standardised copy), so this sets the reference stage's memory above the model's.
 FEATURE_CHUNK_BYTES = 8 << 20
 
 
